@@ -1,0 +1,41 @@
+# The two commands: `make run` (the platform) and `make test` (the whole suite).
+# Both create .venv and install the pinned requirements when needed.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt constraints.txt | sha256sum | cut -c1-12)
+
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+
+.PHONY: run test lint check venv train-demo-model clean
+
+$(STAMP):
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -c constraints.txt
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+run: venv
+	$(PY) scripts/run_platform.py
+
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+check: venv
+	DEBUG=true $(PY) manage.py check
+	DEBUG=true $(PY) manage.py makemigrations --check --dry-run
+
+test: lint check
+	DEBUG=true $(PY) -m pytest $(PYTEST_ARGS)
+
+# Retrain the bundled demo model from ../shared/data (about half a minute on 2 CPU cores).
+train-demo-model: venv
+	DEBUG=true $(PY) manage.py train_model --out inference/demo_model
+
+clean:
+	rm -rf var .pytest_cache .ruff_cache

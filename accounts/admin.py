@@ -1,0 +1,29 @@
+from django.contrib import admin
+from django.contrib.auth.admin import UserAdmin
+
+from accounts.models import Institution, LabSystem, User
+
+
+@admin.register(Institution)
+class InstitutionAdmin(admin.ModelAdmin):
+    list_display = ["name", "slug", "created_at"]
+    search_fields = ["name", "slug"]
+
+
+@admin.register(User)
+class CloudiopsyUserAdmin(UserAdmin):
+    list_display = ["username", "email", "institution", "role", "is_active", "is_staff"]
+    list_filter = ["institution", "role", "is_active", "is_staff"]
+    fieldsets = (*UserAdmin.fieldsets, ("Institution", {"fields": ["institution", "role"]}))
+    add_fieldsets = (*UserAdmin.add_fieldsets, ("Institution", {"fields": ["institution", "role"]}))
+
+
+@admin.register(LabSystem)
+class LabSystemAdmin(admin.ModelAdmin):
+    list_display = ["name", "institution", "token_hint", "created_at", "last_used_at", "revoked_at"]
+    list_filter = ["institution"]
+    readonly_fields = ["token_hint", "created_at", "last_used_at"]
+
+    def has_add_permission(self, request) -> bool:
+        # A key must be shown exactly once: create tokens with `manage.py create_lab_token`.
+        return False

@@ -1,0 +1,46 @@
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
+
+from accounts.models import Institution, User
+
+DEMO_USERS = (
+    ("clinician", User.Role.CLINICIAN, "clinician-demo-pass"),
+    ("pathologist", User.Role.PATHOLOGIST, "pathologist-demo-pass"),
+    ("admin", User.Role.ADMIN, "admin-demo-pass"),
+)
+
+
+class Command(BaseCommand):
+    help = (
+        "Create the demo institution (slug 'demo'), one user per role with demo passwords, and "
+        "register and activate the bundled demo model. Safe to run again: nothing is duplicated "
+        "and the demo passwords are reset to the printed ones. For demonstration only."
+    )
+
+    def add_arguments(self, parser):
+        parser.add_argument(
+            "--model", default=str(settings.BASE_DIR / "inference" / "demo_model"), help="Model directory."
+        )
+
+    def handle(self, *args, model: str, **options):
+        from inference.services import model_register
+
+        with transaction.atomic():
+            institution, _ = Institution.objects.get_or_create(slug="demo", defaults={"name": "Demo Hospital"})
+            for username, role, password in DEMO_USERS:
+                user, _ = User.objects.get_or_create(username=username, defaults={"institution": institution})
+                user.institution = institution
+                user.role = role
+                user.is_staff = role == User.Role.ADMIN
+                user.is_superuser = role == User.Role.ADMIN
+                user.set_password(password)
+                user.save()
+        try:
+            version = model_register(directory=model, activate=True)
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"cannot register the demo model at {model}: {exc}") from None
+        self.stdout.write(f"Institution: {institution.name} (slug {institution.slug})")
+        for username, role, password in DEMO_USERS:
+            self.stdout.write(f"  {role.label:<13} user {username!r:<14} password {password!r}")
+        self.stdout.write(f"Active model: {version} ({version.path})")

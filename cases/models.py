@@ -1,0 +1,114 @@
+"""Patients, biopsy cases and their tissue patches."""
+
+from __future__ import annotations
+
+import uuid
+
+from django.conf import settings
+from django.db import models
+
+from accounts.models import Institution, LabSystem
+
+
+class Patient(models.Model):
+    """Protected health information: visible only to users and lab systems of its institution."""
+
+    class Sex(models.TextChoices):
+        FEMALE = "female", "Female"
+        MALE = "male", "Male"
+        OTHER = "other", "Other"
+        UNKNOWN = "unknown", "Unknown"
+
+    institution = models.ForeignKey(Institution, on_delete=models.PROTECT, related_name="patients")
+    mrn = models.CharField("MRN", max_length=64, help_text="Medical record number, unique within the institution.")
+    name = models.CharField(max_length=200, help_text="Patient's full name.")
+    birth_date = models.DateField(null=True, blank=True, help_text="Date of birth.")
+    sex = models.CharField(max_length=8, choices=Sex.choices, default=Sex.UNKNOWN, help_text="Administrative sex.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["mrn"]
+        constraints = [models.UniqueConstraint(fields=["institution", "mrn"], name="unique_patient_mrn")]
+
+    def __str__(self) -> str:
+        return f"{self.mrn} {self.name}"
+
+
+class BiopsyCase(models.Model):
+    class Status(models.TextChoices):
+        OPEN = "open", "Open"
+        ANALYSING = "analysing", "Analysing"
+        READY_FOR_REVIEW = "ready_for_review", "Ready for review"
+        SIGNED_OUT = "signed_out", "Signed out"
+
+    class Priority(models.TextChoices):
+        ROUTINE = "routine", "Routine"
+        URGENT = "urgent", "Urgent"
+
+    institution = models.ForeignKey(Institution, on_delete=models.PROTECT, related_name="cases")
+    patient = models.ForeignKey(Patient, on_delete=models.PROTECT, related_name="cases")
+    accession = models.CharField(max_length=64, help_text="Laboratory accession number, unique within the institution.")
+    specimen_site = models.CharField(max_length=120, help_text="Where the biopsy was taken, e.g. 'sigmoid colon'.")
+    clinical_notes = models.TextField(blank=True, help_text="Clinical information for the pathologist.")
+    priority = models.CharField(max_length=8, choices=Priority.choices, default=Priority.ROUTINE)
+    status = models.CharField(max_length=20, choices=Status.choices, default=Status.OPEN, db_index=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    created_by_lab = models.ForeignKey(LabSystem, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["institution", "accession"], name="unique_case_accession")]
+
+    def __str__(self) -> str:
+        return self.accession
+
+
+class TissuePatch(models.Model):
+    """One uploaded H&E image. The stored file is a re-encoded PNG under a server-generated name."""
+
+    class Status(models.TextChoices):
+        QUEUED = "queued", "Queued"
+        RUNNING = "running", "Running"
+        DONE = "done", "Done"
+        FAILED = "failed", "Failed"
+        UNASSESSABLE = "unassessable", "Unassessable"
+
+    PENDING = (Status.QUEUED, Status.RUNNING)
+
+    case = models.ForeignKey(BiopsyCase, on_delete=models.PROTECT, related_name="patches")
+    storage_name = models.CharField(
+        max_length=200, unique=True, editable=False, help_text="Server-generated path under MEDIA_ROOT."
+    )
+    sha256 = models.CharField(max_length=64, help_text="SHA-256 of the stored (re-encoded) file.")
+    source_sha256 = models.CharField(max_length=64, help_text="SHA-256 of the file as uploaded.")
+    width = models.PositiveIntegerField(help_text="Pixels.")
+    height = models.PositiveIntegerField(help_text="Pixels.")
+    format = models.CharField(max_length=8, help_text="Format of the uploaded file (PNG, JPEG or TIFF).")
+    original_name = models.CharField(max_length=255, help_text="Uploaded file name, sanitised; display only.")
+    um_per_px = models.FloatField(null=True, blank=True, help_text="Micrometres per pixel, when known.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
+    failure_reason = models.TextField(blank=True, help_text="Why analysis failed or the patch is unassessable.")
+    enqueued_at = models.DateTimeField(help_text="When analysis was last requested.")
+    claimed_at = models.DateTimeField(null=True, blank=True, help_text="When a worker last claimed it.")
+    claim_token = models.UUIDField(null=True, blank=True, editable=False)
+    attempts = models.PositiveSmallIntegerField(default=0, help_text="How many times a worker claimed it.")
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    uploaded_by_lab = models.ForeignKey(LabSystem, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["status", "enqueued_at"], name="patch_status_enqueued")]
+
+    def __str__(self) -> str:
+        return f"{self.case.accession}/{self.original_name}"
+
+    @staticmethod
+    def new_storage_name(institution_id: int) -> str:
+        return f"patches/{institution_id}/{uuid.uuid4().hex}.png"

@@ -1,0 +1,185 @@
+"""Writes on cases and patches. Each function owns its transaction."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from dataclasses import dataclass
+
+from django.core.files.base import ContentFile
+from django.core.files.storage import default_storage
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from accounts.models import Institution, LabSystem, User
+from cases.models import BiopsyCase, Patient, TissuePatch
+from cases.uploads import UploadRejected, ValidatedImage, validate_image
+
+logger = logging.getLogger(__name__)
+
+
+class CaseError(ValueError):
+    """A request that cannot be carried out; the message is for the user."""
+
+
+class NoValidImage(CaseError):
+    """An upload in which no file was acceptable; ``rejected`` says why for each file."""
+
+    def __init__(self, rejected: list[tuple[str, str]]):
+        self.rejected = rejected
+        detail = "; ".join(f"{name}: {reason}" for name, reason in rejected) or "no file was uploaded"
+        super().__init__(f"no valid image in the upload ({detail})")
+
+
+@dataclass(frozen=True)
+class PatientData:
+    mrn: str
+    name: str = ""
+    birth_date: datetime.date | None = None
+    sex: str = Patient.Sex.UNKNOWN
+
+
+def _actor_fields(actor: User | LabSystem, user_field: str, lab_field: str) -> dict:
+    return {lab_field: actor} if isinstance(actor, LabSystem) else {user_field: actor}
+
+
+def patient_get_or_create(*, institution: Institution, data: PatientData) -> Patient:
+    """The institution's patient with this MRN; created when new. An existing patient's
+    identity must match what was sent, so a typo in an MRN cannot attach a case to someone else."""
+    patient = Patient.objects.filter(institution=institution, mrn=data.mrn).first()
+    if patient is None:
+        if not data.name:
+            raise CaseError("a new patient needs a name")
+        return Patient.objects.create(
+            institution=institution, mrn=data.mrn, name=data.name, birth_date=data.birth_date, sex=data.sex
+        )
+    mismatched = [
+        field
+        for field, sent in (("name", data.name), ("birth_date", data.birth_date))
+        if sent and getattr(patient, field) and sent != getattr(patient, field)
+    ]
+    if mismatched:
+        raise CaseError(f"patient {data.mrn} already exists with a different {' and '.join(mismatched)}; check the MRN")
+    return patient
+
+
+@transaction.atomic
+def case_create(
+    *,
+    institution: Institution,
+    created_by: User | LabSystem,
+    patient: PatientData,
+    accession: str,
+    specimen_site: str,
+    priority: str = BiopsyCase.Priority.ROUTINE,
+    clinical_notes: str = "",
+) -> BiopsyCase:
+    """Create a biopsy case (and its patient when new). CaseError when the accession is taken."""
+    accession = accession.strip()
+    if BiopsyCase.objects.filter(institution=institution, accession=accession).exists():
+        raise CaseError(f"accession {accession} already exists")
+    patient_row = patient_get_or_create(institution=institution, data=patient)
+    try:
+        with transaction.atomic():
+            return BiopsyCase.objects.create(
+                institution=institution,
+                patient=patient_row,
+                accession=accession,
+                specimen_site=specimen_site.strip(),
+                priority=priority,
+                clinical_notes=clinical_notes,
+                **_actor_fields(created_by, "created_by", "created_by_lab"),
+            )
+    except IntegrityError:
+        # Another request created the same accession between our check and our insert.
+        raise CaseError(f"accession {accession} already exists") from None
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    patches: list[TissuePatch]
+    rejected: list[tuple[str, str]]  # (file name as sent, reason)
+
+
+def patch_upload(
+    *,
+    case: BiopsyCase,
+    uploaded_by: User | LabSystem,
+    files: list[tuple[str, bytes]],
+    rejected: list[tuple[str, str]] | None = None,
+) -> UploadResult:
+    """Validate every file, store the valid ones and queue them for analysis.
+
+    ``rejected`` lists files the caller already refused (name, reason), reported alongside.
+
+    Rows, files and the enqueue succeed or fail together: files written for a transaction that
+    rolls back are removed, and the analysis task is sent only after commit (ids only).
+
+    Raises:
+        CaseError: the case is signed out. NoValidImage: no file is valid (nothing is stored).
+    """
+    if case.status == BiopsyCase.Status.SIGNED_OUT:
+        raise CaseError("the case is signed out; patches can no longer be added")
+    rejected = list(rejected or [])
+    if not files and not rejected:
+        raise CaseError("no file was uploaded (form field 'image')")
+    valid: list[ValidatedImage] = []
+    for name, data in files:
+        try:
+            valid.append(validate_image(name, data))
+        except UploadRejected as exc:
+            rejected.append((name, str(exc)))
+    if not valid:
+        raise NoValidImage(rejected)
+
+    written: list[str] = []
+    try:
+        with transaction.atomic():
+            case = BiopsyCase.objects.select_for_update().get(pk=case.pk)
+            if case.status == BiopsyCase.Status.SIGNED_OUT:
+                raise CaseError("the case is signed out; patches can no longer be added")
+            now = timezone.now()
+            patches = []
+            for image in valid:
+                storage_name = TissuePatch.new_storage_name(case.institution_id)
+                saved_name = default_storage.save(storage_name, ContentFile(image.png_bytes))
+                written.append(saved_name)
+                patches.append(
+                    TissuePatch.objects.create(
+                        case=case,
+                        storage_name=saved_name,
+                        sha256=image.sha256,
+                        source_sha256=image.source_sha256,
+                        width=image.width,
+                        height=image.height,
+                        format=image.format,
+                        original_name=image.original_name,
+                        enqueued_at=now,
+                        **_actor_fields(uploaded_by, "uploaded_by", "uploaded_by_lab"),
+                    )
+                )
+            if case.status != BiopsyCase.Status.ANALYSING:
+                case.status = BiopsyCase.Status.ANALYSING
+                case.save(update_fields=["status", "updated_at"])
+            ids = [p.pk for p in patches]
+            transaction.on_commit(lambda: analysis_enqueue(ids))
+    except BaseException:
+        for name in written:
+            default_storage.delete(name)
+        raise
+    return UploadResult(patches=patches, rejected=rejected)
+
+
+def analysis_enqueue(patch_ids: list[int]) -> None:
+    """Send the analysis task for these patches, in batches. A lost message is not fatal:
+    the reconciler re-sends queued patches (see inference.services.analysis_reconcile)."""
+    from django.conf import settings
+
+    from inference.tasks import prediction_run
+
+    size = settings.INFERENCE_BATCH_SIZE
+    for start in range(0, len(patch_ids), size):
+        try:
+            prediction_run.delay(patch_ids[start : start + size])
+        except Exception:
+            logger.exception("could not enqueue analysis of patches %s; the reconciler will retry", patch_ids)

@@ -1,0 +1,99 @@
+"""Validation of uploaded images, entirely in memory, before anything is stored.
+
+Every check names the problem in a message a user can act on. What is stored is never the
+uploaded bytes: it is a lossless PNG re-encoded from the fully decoded pixels, so a file that
+only looks like an image, or carries something besides pixels, cannot reach the disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+import unicodedata
+import warnings
+from dataclasses import dataclass
+
+from django.conf import settings
+from PIL import Image
+
+ALLOWED_FORMATS = ("PNG", "JPEG", "TIFF")
+# Modes Pillow converts to RGB without losing meaning; 16-bit/float data (I;16, I, F) is not H&E.
+RGB_CONVERTIBLE_MODES = frozenset({"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "CMYK", "YCbCr"})
+_UNSAFE_NAME = re.compile(r"[\x00-\x1f\x7f/\\]")
+
+
+class UploadRejected(ValueError):
+    """An uploaded file that must not be stored; the message says why."""
+
+
+@dataclass(frozen=True)
+class ValidatedImage:
+    original_name: str
+    png_bytes: bytes
+    sha256: str
+    source_sha256: str
+    width: int
+    height: int
+    format: str
+
+
+def check_file_name(name: str) -> str:
+    """A display-safe file name, or UploadRejected if the name tries to be a path."""
+    if not name or not name.strip():
+        raise UploadRejected("the file has no name")
+    if _UNSAFE_NAME.search(name) or name.strip() in {".", ".."}:
+        raise UploadRejected("the file name must be a plain name, not a path or control characters")
+    name = unicodedata.normalize("NFC", name).strip()
+    return name[-255:]
+
+
+def validate_image(name: str, data: bytes) -> ValidatedImage:
+    """Check one uploaded file and re-encode it as PNG.
+
+    Raises:
+        UploadRejected: the name, size, format, pixel count or content is not acceptable.
+    """
+    original_name = check_file_name(name)
+    if not data:
+        raise UploadRejected("the file is empty")
+    if len(data) > settings.UPLOAD_MAX_BYTES:
+        raise UploadRejected(f"the file is larger than the {settings.UPLOAD_MAX_BYTES // (1024 * 1024)} MB limit")
+    max_pixels = settings.UPLOAD_MAX_PIXELS
+    try:
+        with warnings.catch_warnings():
+            # Pillow only warns between MAX_IMAGE_PIXELS and twice that: make it an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # Image.MAX_IMAGE_PIXELS is set to UPLOAD_MAX_PIXELS at start-up (CasesConfig.ready).
+            with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:
+                image_format = image.format
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise UploadRejected(f"the image has {width * height:,} pixels; the limit is {max_pixels:,}")
+                if image.mode not in RGB_CONVERTIBLE_MODES:
+                    raise UploadRejected(f"image mode {image.mode} cannot be converted to RGB colour")
+                image.load()  # full decode: a truncated or corrupt file fails here, not later
+                rgb = image.convert("RGB")
+    except UploadRejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise UploadRejected(f"the image exceeds the {max_pixels:,}-pixel limit (decompression bomb)") from None
+    except Image.UnidentifiedImageError:
+        raise UploadRejected("not a PNG, JPEG or TIFF image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise UploadRejected(f"the image is corrupt or truncated ({exc})") from None
+    min_side = settings.UPLOAD_MIN_SIDE
+    if min(width, height) < min_side:
+        raise UploadRejected(f"the image is {width}x{height} pixels; at least {min_side}x{min_side} is needed")
+    buffer = io.BytesIO()
+    rgb.save(buffer, format="PNG")
+    png_bytes = buffer.getvalue()
+    return ValidatedImage(
+        original_name=original_name,
+        png_bytes=png_bytes,
+        sha256=hashlib.sha256(png_bytes).hexdigest(),
+        source_sha256=hashlib.sha256(data).hexdigest(),
+        width=width,
+        height=height,
+        format=image_format,
+    )

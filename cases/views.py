@@ -1,0 +1,122 @@
+"""Server-rendered staff pages. Thin: reads via selectors, writes via services."""
+
+from __future__ import annotations
+
+from django.contrib import messages
+from django.contrib.auth.decorators import login_required
+from django.core.files.storage import default_storage
+from django.http import FileResponse, Http404
+from django.shortcuts import redirect, render
+from django.views.decorators.http import require_POST
+
+from accounts.permissions import institution_of
+from cases.forms import CaseForm
+from cases.models import BiopsyCase, TissuePatch
+from cases.selectors import case_with_results, cases_visible_to, patients_visible_to
+from cases.services import CaseError, NoValidImage, PatientData, case_create, patch_upload
+
+
+def _visible_case(request, pk: int) -> BiopsyCase:
+    try:
+        return case_with_results(principal=request.user, case_id=pk)
+    except BiopsyCase.DoesNotExist:
+        # Another institution's case is "not found", never "forbidden": no hint that it exists.
+        raise Http404("No such case.") from None
+
+
+@login_required
+def case_list(request):
+    cases = cases_visible_to(principal=request.user).order_by("-created_at", "-id")
+    status = request.GET.get("status", "")
+    if status in BiopsyCase.Status.values:
+        cases = cases.filter(status=status)
+    return render(
+        request,
+        "cases/case_list.html",
+        {"cases": cases[:200], "status": status, "statuses": BiopsyCase.Status.choices},
+    )
+
+
+@login_required
+def case_create_view(request):
+    institution = institution_of(request.user)
+    if institution is None:
+        messages.error(request, "Your account belongs to no institution; ask an administrator.")
+        return redirect("cases:list")
+    form = CaseForm(request.POST or None)
+    if request.method == "POST" and form.is_valid():
+        data = form.cleaned_data
+        try:
+            case = case_create(
+                institution=institution,
+                created_by=request.user,
+                patient=PatientData(
+                    mrn=data["patient_mrn"].strip(),
+                    name=data["patient_name"].strip(),
+                    birth_date=data["patient_birth_date"],
+                    sex=data["patient_sex"],
+                ),
+                accession=data["accession"],
+                specimen_site=data["specimen_site"],
+                priority=data["priority"],
+                clinical_notes=data["clinical_notes"],
+            )
+        except CaseError as exc:
+            form.add_error(None, str(exc))
+        else:
+            messages.success(request, f"Case {case.accession} created. Upload its tissue patches below.")
+            return redirect("cases:detail", pk=case.pk)
+    patients = patients_visible_to(principal=request.user).order_by("mrn")[:500]
+    return render(
+        request, "cases/case_form.html", {"form": form, "patients": patients}, status=400 if form.errors else 200
+    )
+
+
+@login_required
+def case_detail(request, pk: int):
+    return _render_case(request, _visible_case(request, pk))
+
+
+def _render_case(request, case: BiopsyCase, upload_errors: list[str] | None = None):
+    patches = list(case.patches.all())
+    for patch in patches:
+        patch.latest_prediction = next(iter(patch.predictions.all()), None)
+        if patch.latest_prediction:
+            patch.sorted_scores = sorted(patch.latest_prediction.scores.items(), key=lambda kv: -kv[1])
+    pending = any(p.status in TissuePatch.PENDING for p in patches)
+    return render(
+        request,
+        "cases/case_detail.html",
+        {"case": case, "patches": patches, "pending": pending and not upload_errors, "upload_errors": upload_errors},
+        status=400 if upload_errors else 200,
+    )
+
+
+@login_required
+@require_POST
+def case_upload(request, pk: int):
+    case = _visible_case(request, pk)
+    files = request.FILES.getlist("image")
+    try:
+        result = patch_upload(case=case, uploaded_by=request.user, files=[(f.name, f.read()) for f in files])
+    except NoValidImage as exc:
+        errors = [f"{name}: {reason}" for name, reason in exc.rejected] or [str(exc)]
+        return _render_case(request, case, upload_errors=["Nothing was uploaded.", *errors])
+    except CaseError as exc:
+        return _render_case(request, case, upload_errors=[str(exc)])
+    messages.success(request, f"{len(result.patches)} patch(es) uploaded and queued for analysis.")
+    for name, reason in result.rejected:
+        messages.error(request, f"{name}: {reason}")
+    return redirect("cases:detail", pk=case.pk)
+
+
+@login_required
+def patch_image(request, pk: int, patch_id: int):
+    """The stored image, to users of the case's institution only (never a public media URL)."""
+    case = cases_visible_to(principal=request.user).filter(pk=pk).first()
+    patch = TissuePatch.objects.filter(case=case, pk=patch_id).first() if case else None
+    if patch is None:
+        raise Http404("No such patch.")
+    response = FileResponse(default_storage.open(patch.storage_name, "rb"), content_type="image/png")
+    response["Cache-Control"] = "private, max-age=3600"
+    return response

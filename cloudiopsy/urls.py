@@ -1,0 +1,23 @@
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
+from django.views.generic import RedirectView
+
+from cases import api as cases_api
+from cloudiopsy.health import healthz
+
+api_v1 = [
+    path("cases/", cases_api.CaseListCreate.as_view(), name="case-list"),
+    path("cases/<int:pk>/", cases_api.CaseDetail.as_view(), name="case-detail"),
+    path("cases/<int:pk>/patches/", cases_api.CasePatchUpload.as_view(), name="case-patches"),
+]
+
+urlpatterns = [
+    path("", RedirectView.as_view(pattern_name="cases:list", permanent=False)),
+    path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
+    path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("cases/", include("cases.urls")),
+    path("api/v1/", include((api_v1, "api"), namespace="api")),
+    path("healthz", healthz, name="healthz"),
+    path("admin/", admin.site.urls),
+]

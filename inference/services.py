@@ -1,0 +1,231 @@
+"""Analysis of tissue patches by the active model, run by Celery workers.
+
+The database is the source of truth for work to do; broker messages are only wake-ups.
+A patch is claimed atomically (QUEUED -> RUNNING with a claim token) so a redelivered message
+or a second worker does no second analysis, and a unique (patch, model version) constraint
+makes a second Prediction impossible even for a worker that was presumed dead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from django.conf import settings
+from django.core.files.storage import default_storage
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from cases.models import BiopsyCase, TissuePatch
+from inference import core
+from inference.core.model import LoadedModel, file_sha256, read_metadata
+from inference.models import ModelVersion, Prediction
+
+logger = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+
+_models: dict[int, LoadedModel] = {}
+_models_lock = threading.Lock()
+
+
+class ModelUnavailable(RuntimeError):
+    """No usable active model: patches stay queued until one is activated."""
+
+
+def model_load_active() -> tuple[ModelVersion, LoadedModel]:
+    """The active model version, loaded once per process and kept in memory."""
+    version = ModelVersion.objects.filter(is_active=True).first()
+    if version is None:
+        raise ModelUnavailable("no active model version")
+    with _models_lock:
+        loaded = _models.get(version.pk)
+        if loaded is None:
+            loaded = core.load_model(version.directory)
+            if loaded.file_sha256 != version.file_sha256:
+                raise ModelUnavailable(
+                    f"{version}: model file hash {loaded.file_sha256} differs from the registered "
+                    f"{version.file_sha256}; refusing to serve a changed model"
+                )
+            _models.clear()  # one model in memory: the previous active one is no longer needed
+            _models[version.pk] = loaded
+            logger.info("loaded model %s from %s", version, version.directory)
+    return version, loaded
+
+
+def model_register(*, directory: str | Path, activate: bool = False, activated_by=None) -> ModelVersion:
+    """Register a model directory (idempotent for the same name, version and file hash)."""
+    directory = Path(directory)
+    metadata = read_metadata(directory)
+    sha = file_sha256(directory / core.model.MODEL_FILE)
+    base = Path(settings.BASE_DIR)
+    stored_path = (
+        str(directory.resolve().relative_to(base))
+        if directory.resolve().is_relative_to(base)
+        else str(directory.resolve())
+    )
+    with transaction.atomic():
+        version, created = ModelVersion.objects.get_or_create(
+            name=metadata["name"],
+            version=str(metadata["version"]),
+            defaults={
+                "path": stored_path,
+                "file_sha256": sha,
+                "classes": metadata["classes"],
+                "input_size": metadata["input_size"],
+                "preprocessing": metadata["preprocessing"],
+                "metadata": metadata,
+            },
+        )
+        if not created and version.file_sha256 != sha:
+            raise ValueError(f"{version} is already registered with a different model file; bump the version")
+        if activate and not version.is_active:
+            ModelVersion.objects.filter(is_active=True).update(is_active=False)
+            version.is_active = True
+            version.activated_at = timezone.now()
+            version.activated_by = activated_by
+            version.save(update_fields=["is_active", "activated_at", "activated_by"])
+    return version
+
+
+@dataclass
+class _Outcome:
+    patch: TissuePatch
+    status: str
+    reason: str = ""
+    prediction: core.PatchPrediction | None = None
+
+
+def prediction_run(*, patch_ids: list[int]) -> dict[str, int]:
+    """Analyse the queued patches among ``patch_ids`` with the active model.
+
+    Returns counts of outcomes. Patches not QUEUED (done, or claimed by another worker) are skipped.
+    """
+    try:
+        version, loaded = model_load_active()
+    except (ModelUnavailable, OSError, ValueError):
+        logger.exception("cannot analyse patches %s: no usable model; they stay queued", patch_ids)
+        return {"skipped": len(patch_ids)}
+    token = uuid.uuid4()
+    claimed = TissuePatch.objects.filter(id__in=patch_ids, status=TissuePatch.Status.QUEUED).update(
+        status=TissuePatch.Status.RUNNING, claim_token=token, claimed_at=timezone.now(), attempts=F("attempts") + 1
+    )
+    if claimed == 0:
+        # 0 rows updated: already analysed, or another worker claimed them first.
+        return {"claimed": 0}
+    patches = list(TissuePatch.objects.filter(claim_token=token).order_by("id"))
+    counts: dict[str, int] = {"claimed": len(patches)}
+    size = max(1, settings.INFERENCE_BATCH_SIZE)
+    for start in range(0, len(patches), size):
+        outcomes = _analyse(patches[start : start + size], loaded)
+        for outcome in outcomes:
+            counts[outcome.status] = counts.get(outcome.status, 0) + 1
+        _store(outcomes, version, token)
+    return counts
+
+
+def _analyse(patches: list[TissuePatch], loaded: LoadedModel) -> list[_Outcome]:
+    outcomes: list[_Outcome] = []
+    images = []
+    for patch in patches:
+        try:
+            with default_storage.open(patch.storage_name, "rb") as handle:
+                image = core.decode_rgb(handle.read())
+        except (OSError, ValueError) as exc:
+            outcomes.append(_Outcome(patch, TissuePatch.Status.FAILED, f"stored image cannot be read: {exc}"))
+            continue
+        quality = core.quality_check(image)
+        if not quality.ok:
+            outcomes.append(_Outcome(patch, TissuePatch.Status.UNASSESSABLE, quality.reason))
+            continue
+        outcomes.append(_Outcome(patch, TissuePatch.Status.DONE))
+        images.append(image)
+    to_predict = [o for o in outcomes if o.status == TissuePatch.Status.DONE]
+    if to_predict:
+        batch = core.preprocess(images, loaded.input_size, loaded.preprocessing)
+        for outcome, result in zip(to_predict, core.predict(loaded, batch), strict=True):
+            outcome.prediction = result
+    return outcomes
+
+
+def _store(outcomes: list[_Outcome], version: ModelVersion, token: uuid.UUID) -> None:
+    case_ids = sorted({o.patch.case_id for o in outcomes})
+    with transaction.atomic():
+        # Lock the cases so that two workers finishing a case's last patches cannot both miss
+        # the moment every patch has a result.
+        list(BiopsyCase.objects.select_for_update().filter(pk__in=case_ids).order_by("pk"))
+        for outcome in outcomes:
+            patch = outcome.patch
+            if outcome.prediction is None:
+                TissuePatch.objects.filter(pk=patch.pk, claim_token=token).update(
+                    status=outcome.status, failure_reason=outcome.reason
+                )
+                continue
+            try:
+                with transaction.atomic():
+                    Prediction.objects.create(
+                        patch=patch,
+                        model_version=version,
+                        scores=outcome.prediction.scores,
+                        label=outcome.prediction.label,
+                        inference_seconds=outcome.prediction.seconds,
+                    )
+            except IntegrityError:
+                # A worker presumed dead finished this patch meanwhile: its prediction stands.
+                logger.info("patch %s already has a prediction by %s", patch.pk, version)
+            TissuePatch.objects.filter(pk=patch.pk).exclude(status=TissuePatch.Status.DONE).update(
+                status=TissuePatch.Status.DONE, failure_reason=""
+            )
+        case_status_refresh(case_ids=case_ids)
+
+
+def case_status_refresh(*, case_ids: list[int]) -> None:
+    """Move analysing cases whose patches all have a result to 'ready for review'."""
+    BiopsyCase.objects.filter(pk__in=case_ids, status=BiopsyCase.Status.ANALYSING).exclude(
+        patches__status__in=TissuePatch.PENDING
+    ).update(status=BiopsyCase.Status.READY_FOR_REVIEW, updated_at=timezone.now())
+
+
+def analysis_reconcile(*, stale_after: timedelta | None = None) -> dict[str, int]:
+    """Re-enqueue patches whose analysis was lost (message lost, worker killed).
+
+    A patch RUNNING or QUEUED for longer than ``stale_after`` (default
+    ANALYSIS_STALE_AFTER_SECONDS) is queued again; after MAX_ATTEMPTS claims it is marked failed,
+    so nothing stays pending for ever.
+    """
+    from cases.services import analysis_enqueue
+
+    if stale_after is None:
+        stale_after = timedelta(seconds=settings.ANALYSIS_STALE_AFTER_SECONDS)
+    now = timezone.now()
+    cutoff = now - stale_after
+    with transaction.atomic():
+        running = TissuePatch.objects.filter(status=TissuePatch.Status.RUNNING, claimed_at__lt=cutoff)
+        exhausted = list(running.filter(attempts__gte=MAX_ATTEMPTS).values_list("case_id", flat=True))
+        failed = running.filter(attempts__gte=MAX_ATTEMPTS).update(
+            status=TissuePatch.Status.FAILED,
+            failure_reason=f"analysis did not complete after {MAX_ATTEMPTS} attempts",
+            claim_token=None,
+        )
+        requeued_running = list(running.values_list("id", flat=True))
+        TissuePatch.objects.filter(id__in=requeued_running, status=TissuePatch.Status.RUNNING).update(
+            status=TissuePatch.Status.QUEUED, claim_token=None, enqueued_at=now
+        )
+        lost = list(
+            TissuePatch.objects.filter(status=TissuePatch.Status.QUEUED, enqueued_at__lt=cutoff).values_list(
+                "id", flat=True
+            )
+        )
+        TissuePatch.objects.filter(id__in=lost).update(enqueued_at=now)
+        to_send = sorted(set(requeued_running) | set(lost))
+        if exhausted:
+            case_status_refresh(case_ids=sorted(set(exhausted)))
+        transaction.on_commit(lambda: analysis_enqueue(to_send))
+    if to_send or failed:
+        logger.warning("reconciler: re-enqueued %d patches, failed %d", len(to_send), failed)
+    return {"requeued": len(to_send), "failed": failed}

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from rest_framework.test import APIClient
+
+from accounts.models import Institution, User
+from accounts.services import lab_system_create
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURE_PATCHES = ROOT / "tests" / "fixtures" / "patches"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+DEMO_MODEL = ROOT / "inference" / "demo_model"
+IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def unavailable(reason: str):
+    """Skip locally; fail under CI, where every real service and the shared data must be present."""
+    if IN_CI:
+        pytest.fail(f"CI=true and {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        unavailable(f"{SHARED_DATA} is absent")
+    return SHARED_DATA
+
+
+def fixture_patch(name: str) -> Path:
+    matches = list(FIXTURE_PATCHES.rglob(name))
+    assert matches, name
+    return matches[0]
+
+
+def png_bytes(size=(224, 224), color=(200, 120, 160), mode="RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(autouse=True)
+def _media_root(settings, tmp_path):
+    settings.MEDIA_ROOT = tmp_path / "media"
+    return settings.MEDIA_ROOT
+
+
+def stored_files(media_root: Path) -> list[Path]:
+    return [p for p in Path(media_root).rglob("*") if p.is_file()] if Path(media_root).exists() else []
+
+
+@pytest.fixture
+def institution(db):
+    return Institution.objects.create(name="St Mary's", slug="stmarys")
+
+
+@pytest.fixture
+def other_institution(db):
+    return Institution.objects.create(name="Other Hospital", slug="other")
+
+
+def make_user(institution, role, username=None):
+    return User.objects.create_user(
+        username=username or f"{role}-{institution.slug}",
+        password="not-a-real-pass-1",
+        institution=institution,
+        role=role,
+    )
+
+
+@pytest.fixture
+def clinician(institution):
+    return make_user(institution, User.Role.CLINICIAN)
+
+
+@pytest.fixture
+def pathologist(institution):
+    return make_user(institution, User.Role.PATHOLOGIST)
+
+
+@pytest.fixture
+def clinician_client(client, clinician):
+    client.force_login(clinician)
+    return client
+
+
+def lab_client(institution) -> APIClient:
+    _, key = lab_system_create(institution=institution, name="LIS")
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Token {key}")
+    return api
+
+
+@pytest.fixture
+def lab_api(institution):
+    return lab_client(institution)
+
+
+@pytest.fixture
+def demo_model(db):
+    from inference.services import model_register
+
+    return model_register(directory=DEMO_MODEL, activate=True)
+
+
+CASE_PAYLOAD = {
+    "patient": {"mrn": "MRN-001", "name": "Ada Example", "birth_date": "1961-03-04", "sex": "female"},
+    "accession": "S26-0001",
+    "specimen_site": "sigmoid colon",
+    "priority": "urgent",
+    "clinical_notes": "Polyp, 12 mm.",
+}
