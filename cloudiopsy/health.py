@@ -24,9 +24,10 @@ def _database() -> dict:
 def _broker() -> dict:
     from cloudiopsy.celery import app
 
-    transport = settings.CELERY_BROKER_URL.split("://", 1)[0]
+    url = settings.CELERY_BROKER_URL
+    transport = url.split("://", 1)[0]
     try:
-        with app.connection_for_write() as conn:
+        with app.connection_for_write(url) as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
         return {"ok": True, "transport": transport}
     except Exception as exc:

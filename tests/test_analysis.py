@@ -1,0 +1,198 @@
+"""Analysis services, in process, with the real demo model and real patches."""
+
+from __future__ import annotations
+
+import datetime
+
+import pytest
+from django.core.files.storage import default_storage
+from django.utils import timezone
+
+from cases.models import BiopsyCase, TissuePatch
+from cases.services import PatientData, case_create, patch_upload
+from inference import services
+from inference.models import ModelVersion, Prediction
+from tests.conftest import fixture_patch, png_bytes
+
+pytestmark = pytest.mark.django_db
+
+HOLDOUT = {
+    "NORM-TCGA-CWFDHWAH.png": "NORM",
+    "NORM-TCGA-INTLNRAV.png": "NORM",
+    "TUM-TCGA-KECNIDCQ.png": "TUM",
+    "TUM-TCGA-NHQGDFVF.png": "TUM",
+}
+
+
+@pytest.fixture
+def sent(monkeypatch):
+    """Records the analysis tasks that would be sent to the broker (unit tests only)."""
+    calls: list[list[int]] = []
+    monkeypatch.setattr("inference.tasks.prediction_run.delay", lambda ids: calls.append(list(ids)))
+    return calls
+
+
+@pytest.fixture
+def case(institution, clinician):
+    return case_create(
+        institution=institution,
+        created_by=clinician,
+        patient=PatientData(mrn="M1", name="Test Patient"),
+        accession="S1",
+        specimen_site="rectum",
+    )
+
+
+def upload(case, clinician, names_or_bytes):
+    files = [
+        (n, fixture_patch(n).read_bytes()) if isinstance(n, str) else (f"f{i}.png", n)
+        for i, n in enumerate(names_or_bytes)
+    ]
+    return patch_upload(case=case, uploaded_by=clinician, files=files).patches
+
+
+def test_upload_enqueues_ids_on_commit_in_batches(case, clinician, sent, settings, django_capture_on_commit_callbacks):
+    settings.INFERENCE_BATCH_SIZE = 2
+    with django_capture_on_commit_callbacks(execute=False) as callbacks:
+        patches = upload(case, clinician, list(HOLDOUT) + ["TUM-AACHEHDV.tif"])
+    assert sent == []  # nothing is sent before the transaction commits
+    for callback in callbacks:
+        callback()
+    assert sent == [[p.pk for p in patches[:2]], [p.pk for p in patches[2:4]], [patches[4].pk]]
+
+
+def test_prediction_run_classifies_held_out_patches_and_readies_case(case, clinician, demo_model):
+    patches = upload(case, clinician, list(HOLDOUT))
+    counts = services.prediction_run(patch_ids=[p.pk for p in patches])
+    assert counts == {"claimed": 4, "done": 4}
+    for patch in patches:
+        patch.refresh_from_db()
+        prediction = patch.predictions.get()
+        assert patch.status == TissuePatch.Status.DONE
+        assert prediction.model_version == demo_model
+        assert prediction.label == HOLDOUT[patch.original_name], (patch.original_name, prediction.scores)
+        assert set(prediction.scores) == set(demo_model.classes)
+        assert abs(sum(prediction.scores.values()) - 1) < 1e-4
+        assert prediction.inference_seconds > 0
+    case.refresh_from_db()
+    assert case.status == BiopsyCase.Status.READY_FOR_REVIEW
+
+
+def test_rerun_of_same_patches_creates_no_second_prediction(case, clinician, demo_model):
+    patches = upload(case, clinician, ["TUM-TCGA-KECNIDCQ.png"])
+    ids = [p.pk for p in patches]
+    services.prediction_run(patch_ids=ids)
+    assert services.prediction_run(patch_ids=ids) == {"claimed": 0}
+    # A redelivered task after a crash that lost the status update: the claim succeeds again,
+    # but the unique (patch, model version) constraint keeps the first prediction.
+    TissuePatch.objects.filter(pk__in=ids).update(status=TissuePatch.Status.QUEUED)
+    assert services.prediction_run(patch_ids=ids)["claimed"] == 1
+    assert Prediction.objects.count() == 1
+    assert TissuePatch.objects.get().status == TissuePatch.Status.DONE
+
+
+def test_blank_patch_is_unassessable_with_reason(case, clinician, demo_model):
+    patches = upload(case, clinician, [png_bytes(color=(240, 240, 240)), "NORM-TCGA-CWFDHWAH.png"])
+    services.prediction_run(patch_ids=[p.pk for p in patches])
+    blank, tissue = (TissuePatch.objects.get(pk=p.pk) for p in patches)
+    assert blank.status == TissuePatch.Status.UNASSESSABLE and "blank" in blank.failure_reason
+    assert not blank.predictions.exists()
+    assert tissue.status == TissuePatch.Status.DONE
+    case.refresh_from_db()
+    assert case.status == BiopsyCase.Status.READY_FOR_REVIEW
+
+
+def test_unreadable_stored_image_fails_with_reason(case, clinician, demo_model):
+    (patch,) = upload(case, clinician, ["NORM-TCGA-CWFDHWAH.png"])
+    with default_storage.open(patch.storage_name, "wb") as handle:
+        handle.write(b"\x89PNG\r\n\x1a\n broken")
+    services.prediction_run(patch_ids=[patch.pk])
+    patch.refresh_from_db()
+    assert patch.status == TissuePatch.Status.FAILED and "cannot be read" in patch.failure_reason
+
+
+def test_without_active_model_patches_stay_queued(case, clinician):
+    (patch,) = upload(case, clinician, ["NORM-TCGA-CWFDHWAH.png"])
+    assert services.prediction_run(patch_ids=[patch.pk]) == {"skipped": 1}
+    patch.refresh_from_db()
+    assert patch.status == TissuePatch.Status.QUEUED
+
+
+def test_changed_model_file_is_refused(case, clinician, demo_model):
+    ModelVersion.objects.filter(pk=demo_model.pk).update(file_sha256="0" * 64)
+    services._models.clear()
+    (patch,) = upload(case, clinician, ["NORM-TCGA-CWFDHWAH.png"])
+    assert services.prediction_run(patch_ids=[patch.pk]) == {"skipped": 1}
+    assert not Prediction.objects.exists()
+
+
+def test_model_is_loaded_once_per_process(case, clinician, demo_model, monkeypatch):
+    services._models.clear()
+    loads = []
+    real_load = services.core.load_model
+    monkeypatch.setattr(services.core, "load_model", lambda d: loads.append(d) or real_load(d))
+    for name in ("NORM-TCGA-CWFDHWAH.png", "TUM-TCGA-KECNIDCQ.png"):
+        (patch,) = upload(case, clinician, [name])
+        services.prediction_run(patch_ids=[patch.pk])
+    assert len(loads) == 1
+
+
+def test_reconciler_requeues_stale_running_and_lost_queued(case, clinician, sent):
+    patches = upload(case, clinician, ["NORM-TCGA-CWFDHWAH.png", "TUM-TCGA-KECNIDCQ.png", "TUM-TCGA-NHQGDFVF.png"])
+    old = timezone.now() - datetime.timedelta(hours=1)
+    running, lost, fresh = patches
+    TissuePatch.objects.filter(pk=running.pk).update(status=TissuePatch.Status.RUNNING, claimed_at=old, attempts=1)
+    TissuePatch.objects.filter(pk=lost.pk).update(enqueued_at=old)
+    sent.clear()
+    result = services.analysis_reconcile(stale_after=datetime.timedelta(minutes=10))
+    assert result == {"requeued": 2, "failed": 0}
+    running.refresh_from_db()
+    assert running.status == TissuePatch.Status.QUEUED and running.claim_token is None
+    fresh.refresh_from_db()
+    assert fresh.status == TissuePatch.Status.QUEUED
+
+
+def test_reconciler_enqueues_after_commit(case, clinician, sent, django_capture_on_commit_callbacks):
+    (patch,) = upload(case, clinician, ["NORM-TCGA-CWFDHWAH.png"])
+    TissuePatch.objects.filter(pk=patch.pk).update(enqueued_at=timezone.now() - datetime.timedelta(hours=1))
+    sent.clear()
+    with django_capture_on_commit_callbacks(execute=True):
+        services.analysis_reconcile()
+    assert sent == [[patch.pk]]
+
+
+def test_reconciler_fails_patch_after_max_attempts_and_case_moves_on(case, clinician, sent):
+    (patch,) = upload(case, clinician, ["NORM-TCGA-CWFDHWAH.png"])
+    TissuePatch.objects.filter(pk=patch.pk).update(
+        status=TissuePatch.Status.RUNNING,
+        claimed_at=timezone.now() - datetime.timedelta(hours=1),
+        attempts=services.MAX_ATTEMPTS,
+    )
+    assert services.analysis_reconcile() == {"requeued": 0, "failed": 1}
+    patch.refresh_from_db()
+    assert patch.status == TissuePatch.Status.FAILED and "attempts" in patch.failure_reason
+    case.refresh_from_db()
+    assert case.status == BiopsyCase.Status.READY_FOR_REVIEW
+
+
+def test_upload_to_signed_out_case_is_refused(case, clinician):
+    from cases.services import CaseError
+
+    BiopsyCase.objects.filter(pk=case.pk).update(status=BiopsyCase.Status.SIGNED_OUT)
+    case.refresh_from_db()
+    with pytest.raises(CaseError, match="signed out"):
+        upload(case, clinician, ["NORM-TCGA-CWFDHWAH.png"])
+    assert not TissuePatch.objects.exists()
+
+
+def test_case_page_shows_prediction(case, clinician, clinician_client, demo_model):
+    (patch,) = upload(case, clinician, ["TUM-TCGA-KECNIDCQ.png"])
+    page = clinician_client.get(f"/cases/{case.pk}/")
+    assert b'http-equiv="refresh"' in page.content  # still analysing: the page refreshes itself
+    services.prediction_run(patch_ids=[patch.pk])
+    page = clinician_client.get(f"/cases/{case.pk}/")
+    assert page.status_code == 200
+    assert b'http-equiv="refresh"' not in page.content
+    assert b'<strong class="label">TUM</strong>' in page.content
+    image = clinician_client.get(f"/cases/{case.pk}/patches/{patch.pk}/image/")
+    assert image.status_code == 200 and image["Content-Type"] == "image/png"
