@@ -15,7 +15,7 @@ from accounts.permissions import institution_of
 from cases.models import BiopsyCase, Patient, TissuePatch
 from cases.selectors import case_with_results, cases_visible_to
 from cases.services import NoValidImage, PatientData, case_create, patch_upload
-from cases.uploads import UploadRejected, check_file_name
+from cases.uploads import UploadRejected, check_file_name, read_uploads
 
 
 class PatientSerializer(serializers.ModelSerializer):
@@ -159,13 +159,9 @@ def _split_refused(request) -> tuple[list[tuple[str, bytes]], list[tuple[str, st
     """(accepted name and bytes, refused name and reason) of the uploaded 'image' files."""
     uploads = request.FILES.getlist("image")  # parses the body, which sets refused_file_names
     placeholder, refused_names = getattr(request, "refused_file_names", ("", []))
-    files, refused = [], []
-    for upload in uploads:
-        if placeholder and upload.name.startswith(placeholder):
-            refused.append(refused_names[int(upload.name.removeprefix(placeholder))])
-        else:
-            files.append((upload.name, upload.read()))
-    return files, refused
+    named_badly = [u for u in uploads if placeholder and u.name.startswith(placeholder)]
+    files, refused = read_uploads([u for u in uploads if u not in named_badly])
+    return files, [refused_names[int(u.name.removeprefix(placeholder))] for u in named_badly] + refused
 
 
 class CasePatchUpload(APIView):

@@ -38,6 +38,24 @@ class ValidatedImage:
     format: str
 
 
+def read_uploads(uploads) -> tuple[list[tuple[str, bytes]], list[tuple[str, str]]]:
+    """(name, bytes) of each uploaded file within the size cap, and (name, reason) for the others.
+
+    An oversized file is refused from its declared size, without reading it into memory.
+    """
+    files, refused = [], []
+    for upload in uploads:
+        if upload.size > settings.UPLOAD_MAX_BYTES:
+            refused.append((upload.name, _too_large()))
+        else:
+            files.append((upload.name, upload.read()))
+    return files, refused
+
+
+def _too_large() -> str:
+    return f"the file is larger than the {settings.UPLOAD_MAX_BYTES // (1024 * 1024)} MB limit"
+
+
 def check_file_name(name: str) -> str:
     """A display-safe file name, or UploadRejected if the name tries to be a path."""
     if not name or not name.strip():
@@ -58,7 +76,7 @@ def validate_image(name: str, data: bytes) -> ValidatedImage:
     if not data:
         raise UploadRejected("the file is empty")
     if len(data) > settings.UPLOAD_MAX_BYTES:
-        raise UploadRejected(f"the file is larger than the {settings.UPLOAD_MAX_BYTES // (1024 * 1024)} MB limit")
+        raise UploadRejected(_too_large())
     max_pixels = settings.UPLOAD_MAX_PIXELS
     try:
         with warnings.catch_warnings():

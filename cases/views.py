@@ -14,6 +14,7 @@ from cases.forms import CaseForm
 from cases.models import BiopsyCase, TissuePatch
 from cases.selectors import case_with_results, cases_visible_to, patients_visible_to
 from cases.services import CaseError, NoValidImage, PatientData, case_create, patch_upload
+from cases.uploads import read_uploads
 
 
 def _visible_case(request, pk: int) -> BiopsyCase:
@@ -96,9 +97,9 @@ def _render_case(request, case: BiopsyCase, upload_errors: list[str] | None = No
 @require_POST
 def case_upload(request, pk: int):
     case = _visible_case(request, pk)
-    files = request.FILES.getlist("image")
+    files, refused = read_uploads(request.FILES.getlist("image"))
     try:
-        result = patch_upload(case=case, uploaded_by=request.user, files=[(f.name, f.read()) for f in files])
+        result = patch_upload(case=case, uploaded_by=request.user, files=files, rejected=refused)
     except NoValidImage as exc:
         errors = [f"{name}: {reason}" for name, reason in exc.rejected] or [str(exc)]
         return _render_case(request, case, upload_errors=["Nothing was uploaded.", *errors])
