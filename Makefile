@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt co
 
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test lint check venv train-demo-model clean
+.PHONY: run test lint check venv browser-deps train-demo-model clean
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,8 +30,19 @@ check: venv
 	DEBUG=true $(PY) manage.py check
 	DEBUG=true $(PY) manage.py makemigrations --check --dry-run
 
-test: lint check
+test: lint check browser-deps
 	DEBUG=true $(PY) -m pytest $(PYTEST_ARGS)
+
+# Browser tests drive Debian's Chromium; installed here when missing and we may (root + apt).
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing chromium and chromium-driver (Debian packages) for the browser tests"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	  else \
+	    echo "Chromium is not installed: browser tests will skip (and fail under CI=true)"; \
+	  fi; \
+	fi
 
 # Retrain the bundled demo model from ../shared/data (about half a minute on 2 CPU cores).
 train-demo-model: venv
