@@ -100,6 +100,23 @@ def lab_api(institution):
     return lab_client(institution)
 
 
+def new_case(user, accession: str = "S1", mrn: str = "M1"):
+    from cases.services import PatientData, case_create
+
+    return case_create(
+        institution=user.institution,
+        created_by=user,
+        patient=PatientData(mrn=mrn, name=f"Patient {mrn}"),
+        accession=accession,
+        specimen_site="rectum",
+    )
+
+
+@pytest.fixture
+def case(clinician):
+    return new_case(clinician)
+
+
 @pytest.fixture
 def demo_model(db):
     from inference.services import model_register

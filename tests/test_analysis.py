@@ -9,7 +9,7 @@ from django.core.files.storage import default_storage
 from django.utils import timezone
 
 from cases.models import BiopsyCase, TissuePatch
-from cases.services import PatientData, case_create, patch_upload
+from cases.services import patch_upload
 from inference import services
 from inference.models import ModelVersion, Prediction
 from tests.conftest import fixture_patch, png_bytes
@@ -30,17 +30,6 @@ def sent(monkeypatch):
     calls: list[list[int]] = []
     monkeypatch.setattr("inference.tasks.prediction_run.delay", lambda ids: calls.append(list(ids)))
     return calls
-
-
-@pytest.fixture
-def case(institution, clinician):
-    return case_create(
-        institution=institution,
-        created_by=clinician,
-        patient=PatientData(mrn="M1", name="Test Patient"),
-        accession="S1",
-        specimen_site="rectum",
-    )
 
 
 def upload(case, clinician, names_or_bytes):

@@ -8,22 +8,14 @@ import pytest
 
 from accounts.models import LabSystem, User
 from cases.models import BiopsyCase, Patient
-from cases.services import PatientData, case_create
-from tests.conftest import CASE_PAYLOAD, fixture_patch, lab_client, make_user
+from tests.conftest import CASE_PAYLOAD, fixture_patch, lab_client, make_user, new_case
 
 pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
 def other_case(other_institution):
-    owner = make_user(other_institution, User.Role.CLINICIAN)
-    return case_create(
-        institution=other_institution,
-        created_by=owner,
-        patient=PatientData(mrn="B-1", name="Other Patient"),
-        accession="B-0001",
-        specimen_site="caecum",
-    )
+    return new_case(make_user(other_institution, User.Role.CLINICIAN), accession="B-0001", mrn="B-1")
 
 
 def test_lab_system_creates_case_with_new_patient(lab_api, institution):

@@ -9,7 +9,6 @@ import pytest
 from PIL import Image
 
 from cases.models import BiopsyCase, TissuePatch
-from cases.services import PatientData, case_create
 from tests.conftest import fixture_patch, png_bytes, stored_files
 
 pytestmark = pytest.mark.django_db
@@ -44,17 +43,6 @@ def bomb_png(width: int, height: int) -> bytes:
     data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
     header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
-
-
-@pytest.fixture
-def case(institution, clinician):
-    return case_create(
-        institution=institution,
-        created_by=clinician,
-        patient=PatientData(mrn="M1", name="Test Patient"),
-        accession="S1",
-        specimen_site="rectum",
-    )
 
 
 def real_png() -> bytes:
