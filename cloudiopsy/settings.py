@@ -119,7 +119,6 @@ else:
                 "transaction_mode": "IMMEDIATE",
                 "timeout": 30,
             },
-            "TEST": {"NAME": env_str("SQLITE_TEST_NAME") or None},
         }
     }
 
