@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt co
 
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test lint check venv browser-deps train-demo-model clean
+.PHONY: run test lint check venv browser-deps bench train-demo-model clean
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -44,9 +44,15 @@ browser-deps:
 	  fi; \
 	fi
 
-# Retrain the bundled demo model from ../shared/data (about half a minute on 2 CPU cores).
+# Naive vs served vs kernel rates, latency and memory on the real samples; writes var/bench.json.
+bench: venv
+	$(PY) scripts/bench.py --json var/bench.json
+
+# Retrain the bundled demo model from ../shared/data, with leave-one-dataset-out figures
+# (about five minutes on 2 CPU cores).
 train-demo-model: venv
-	DEBUG=true $(PY) manage.py train_model --out inference/demo_model
+	DEBUG=true $(PY) manage.py train_model --leave-one-dataset-out --name tissue-mobilenetv2-demo \
+	  --model-version 2 --out inference/demo_model
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache

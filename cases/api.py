@@ -35,6 +35,8 @@ class PredictionField(serializers.Field):
         return {
             "label": prediction.label,
             "scores": prediction.scores,
+            "uncertainty": prediction.uncertainty,
+            "needs_attention": prediction.needs_attention,
             "model_version": str(prediction.model_version),
             "created_at": prediction.created_at.isoformat(),
         }

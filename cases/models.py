@@ -8,6 +8,7 @@ from django.conf import settings
 from django.db import models
 
 from accounts.models import Institution, LabSystem
+from inference.core.preprocessing import STORAGE_SUFFIX
 
 
 class Patient(models.Model):
@@ -68,7 +69,7 @@ class BiopsyCase(models.Model):
 
 
 class TissuePatch(models.Model):
-    """One uploaded H&E image. The stored file is a re-encoded PNG under a server-generated name."""
+    """One uploaded H&E image. The stored file is a lossless re-encoding under a server-generated name."""
 
     class Status(models.TextChoices):
         QUEUED = "queued", "Queued"
@@ -111,4 +112,4 @@ class TissuePatch(models.Model):
 
     @staticmethod
     def new_storage_name(institution_id: int) -> str:
-        return f"patches/{institution_id}/{uuid.uuid4().hex}.png"
+        return f"patches/{institution_id}/{uuid.uuid4().hex}{STORAGE_SUFFIX}"

@@ -142,7 +142,7 @@ def patch_upload(
             patches = []
             for image in valid:
                 storage_name = TissuePatch.new_storage_name(case.institution_id)
-                saved_name = default_storage.save(storage_name, ContentFile(image.png_bytes))
+                saved_name = default_storage.save(storage_name, ContentFile(image.stored_bytes))
                 written.append(saved_name)
                 patches.append(
                     TissuePatch.objects.create(

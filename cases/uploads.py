@@ -1,8 +1,9 @@
 """Validation of uploaded images, entirely in memory, before anything is stored.
 
 Every check names the problem in a message a user can act on. What is stored is never the
-uploaded bytes: it is a lossless PNG re-encoded from the fully decoded pixels, so a file that
-only looks like an image, or carries something besides pixels, cannot reach the disk.
+uploaded bytes: it is a lossless re-encoding (``inference.core.preprocessing.STORAGE_FORMAT``) of
+the fully decoded pixels, so a file that only looks like an image, or carries something besides
+pixels, cannot reach the disk.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from dataclasses import dataclass
 from django.conf import settings
 from PIL import Image
 
+from inference.core.preprocessing import encode_for_storage
+
 ALLOWED_FORMATS = ("PNG", "JPEG", "TIFF")
 # Modes Pillow converts to RGB without losing meaning; 16-bit/float data (I;16, I, F) is not H&E.
 RGB_CONVERTIBLE_MODES = frozenset({"RGB", "RGBA", "RGBX", "L", "LA", "P", "PA", "CMYK", "YCbCr"})
@@ -30,7 +33,7 @@ class UploadRejected(ValueError):
 @dataclass(frozen=True)
 class ValidatedImage:
     original_name: str
-    png_bytes: bytes
+    stored_bytes: bytes  # lossless re-encoding in inference.core's storage format
     sha256: str
     source_sha256: str
     width: int
@@ -103,13 +106,11 @@ def validate_image(name: str, data: bytes) -> ValidatedImage:
     min_side = settings.UPLOAD_MIN_SIDE
     if min(width, height) < min_side:
         raise UploadRejected(f"the image is {width}x{height} pixels; at least {min_side}x{min_side} is needed")
-    buffer = io.BytesIO()
-    rgb.save(buffer, format="PNG")
-    png_bytes = buffer.getvalue()
+    stored = encode_for_storage(rgb)
     return ValidatedImage(
         original_name=original_name,
-        png_bytes=png_bytes,
-        sha256=hashlib.sha256(png_bytes).hexdigest(),
+        stored_bytes=stored,
+        sha256=hashlib.sha256(stored).hexdigest(),
         source_sha256=hashlib.sha256(data).hexdigest(),
         width=width,
         height=height,

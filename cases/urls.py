@@ -9,4 +9,5 @@ urlpatterns = [
     path("<int:pk>/", views.case_detail, name="detail"),
     path("<int:pk>/upload/", views.case_upload, name="upload"),
     path("<int:pk>/patches/<int:patch_id>/image/", views.patch_image, name="patch_image"),
+    path("<int:pk>/patches/<int:patch_id>/heatmap/<str:label>/", views.patch_heatmap, name="patch_heatmap"),
 ]

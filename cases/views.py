@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import io
+
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.files.storage import default_storage
-from django.http import FileResponse, Http404
+from django.http import Http404, HttpResponse
 from django.shortcuts import redirect, render
 from django.views.decorators.http import require_POST
+from PIL import Image
 
 from accounts.permissions import institution_of
 from cases.forms import CaseForm
@@ -15,6 +18,10 @@ from cases.models import BiopsyCase, TissuePatch
 from cases.selectors import case_with_results, cases_visible_to, patients_visible_to
 from cases.services import CaseError, NoValidImage, PatientData, case_create, patch_upload
 from cases.uploads import read_uploads
+from inference.core.explain import render_heatmap
+from inference.core.preprocessing import decode_rgb
+
+THUMBNAIL_SIDE = 224
 
 
 def _visible_case(request, pk: int) -> BiopsyCase:
@@ -85,10 +92,17 @@ def _render_case(request, case: BiopsyCase, upload_errors: list[str] | None = No
         if patch.latest_prediction:
             patch.sorted_scores = sorted(patch.latest_prediction.scores.items(), key=lambda kv: -kv[1])
     pending = any(p.status in TissuePatch.PENDING for p in patches)
+    any_heatmap = any(p.latest_prediction and p.latest_prediction.heatmaps for p in patches)
     return render(
         request,
         "cases/case_detail.html",
-        {"case": case, "patches": patches, "pending": pending and not upload_errors, "upload_errors": upload_errors},
+        {
+            "case": case,
+            "patches": patches,
+            "pending": pending and not upload_errors,
+            "upload_errors": upload_errors,
+            "any_heatmap": any_heatmap,
+        },
         status=400 if upload_errors else 200,
     )
 
@@ -111,13 +125,39 @@ def case_upload(request, pk: int):
     return redirect("cases:detail", pk=case.pk)
 
 
-@login_required
-def patch_image(request, pk: int, patch_id: int):
-    """The stored image, to users of the case's institution only (never a public media URL)."""
+def _visible_patch(request, pk: int, patch_id: int) -> TissuePatch:
     case = cases_visible_to(principal=request.user).filter(pk=pk).first()
     patch = TissuePatch.objects.filter(case=case, pk=patch_id).first() if case else None
     if patch is None:
         raise Http404("No such patch.")
-    response = FileResponse(default_storage.open(patch.storage_name, "rb"), content_type="image/png")
-    response["Cache-Control"] = "private, max-age=3600"
+    return patch
+
+
+def _png_response(image: Image.Image) -> HttpResponse:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    response = HttpResponse(buffer.getvalue(), content_type="image/png")
+    response["Cache-Control"] = "private, max-age=3600"  # patient data: never in shared caches
     return response
+
+
+@login_required
+def patch_image(request, pk: int, patch_id: int):
+    """The patch as a PNG of at most THUMBNAIL_SIDE px, to users of the case's institution only
+    (never a public media URL)."""
+    patch = _visible_patch(request, pk, patch_id)
+    with default_storage.open(patch.storage_name, "rb") as handle:
+        image = decode_rgb(handle.read())
+    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    return _png_response(image)
+
+
+@login_required
+def patch_heatmap(request, pk: int, patch_id: int, label: str):
+    """The heatmap overlay of the patch's latest prediction for one class (the predicted one or TUM)."""
+    patch = _visible_patch(request, pk, patch_id)
+    prediction = patch.predictions.order_by("-id").first()
+    grid = (prediction.heatmaps or {}).get(label) if prediction else None
+    if grid is None:
+        raise Http404("No heatmap for this class.")
+    return _png_response(render_heatmap(grid, THUMBNAIL_SIDE))

@@ -3,7 +3,20 @@ import json
 from django.contrib import admin
 from django.utils.html import format_html
 
-from inference.models import ModelVersion, Prediction, WorkerHeartbeat
+from inference.core.card import model_card
+from inference.models import ModelActivation, ModelVersion, Prediction, WorkerHeartbeat
+
+
+class ModelActivationInline(admin.TabularInline):
+    model = ModelActivation
+    fk_name = "model_version"
+    fields = ["created_at", "actor", "previous", "reason"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None) -> bool:
+        return False
 
 
 @admin.register(ModelVersion)
@@ -18,6 +31,7 @@ class ModelVersionAdmin(admin.ModelAdmin):
         "classes",
         "input_size",
         "preprocessing",
+        "model_card",
         "metadata_pretty",
         "is_active",
         "created_at",
@@ -25,13 +39,21 @@ class ModelVersionAdmin(admin.ModelAdmin):
         "activated_by",
     ]
     exclude = ["metadata"]
+    inlines = [ModelActivationInline]
+
+    @admin.display(description="model card")
+    def model_card(self, obj):
+        return format_html('<pre style="white-space:pre-wrap">{}</pre>', model_card(obj.metadata))
 
     @admin.display(description="metadata")
     def metadata_pretty(self, obj):
         return format_html("<pre>{}</pre>", json.dumps(obj.metadata, indent=2))
 
     def has_add_permission(self, request) -> bool:
-        return False  # register with `manage.py seed_demo` / the registry commands (files are verified)
+        return False  # register_model / activate_model verify the files and record who activated
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False  # predictions point at it
 
 
 @admin.register(Prediction)
@@ -54,3 +76,19 @@ class PredictionAdmin(admin.ModelAdmin):
 @admin.register(WorkerHeartbeat)
 class WorkerHeartbeatAdmin(admin.ModelAdmin):
     list_display = ["hostname", "last_seen", "started_at"]
+
+
+@admin.register(ModelActivation)
+class ModelActivationAdmin(admin.ModelAdmin):
+    """Read-only history of which model was active when, and who switched it."""
+
+    list_display = ["created_at", "model_version", "previous", "actor", "reason"]
+
+    def has_add_permission(self, request) -> bool:
+        return False
+
+    def has_change_permission(self, request, obj=None) -> bool:
+        return False
+
+    def has_delete_permission(self, request, obj=None) -> bool:
+        return False

@@ -54,6 +54,17 @@ class Prediction(models.Model):
     model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="predictions")
     scores = models.JSONField(help_text="{class: probability 0..1}, summing to 1.")
     label = models.CharField(max_length=32, help_text="Most probable class.")
+    uncertainty = models.FloatField(
+        null=True, help_text="Normalised entropy of the calibrated scores: 0 certain .. 1 uniform."
+    )
+    needs_attention = models.BooleanField(
+        default=False, help_text="The top calibrated probability is below the model's attention threshold."
+    )
+    heatmaps = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="{class: grid of local probabilities 0..1} for the predicted class and TUM (class activation map).",
+    )
     inference_seconds = models.FloatField(help_text="Model time for this patch (batch time / batch size).")
     created_at = models.DateTimeField(auto_now_add=True)
 
@@ -63,6 +74,25 @@ class Prediction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.patch_id}: {self.label}"
+
+
+class ModelActivation(models.Model):
+    """Who activated which model version when, and what it replaced. Append-only."""
+
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="activations")
+    previous = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    activated_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    actor = models.CharField(max_length=150, help_text="Who acted, as recorded (user name or 'system: ...').")
+    reason = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+
+    def __str__(self) -> str:
+        return f"{self.model_version} by {self.actor}"
 
 
 class WorkerHeartbeat(models.Model):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,14 +22,17 @@ from django.utils import timezone
 
 from cases.models import BiopsyCase, TissuePatch
 from inference import core
-from inference.core.model import LoadedModel, file_sha256, read_metadata
-from inference.models import ModelVersion, Prediction
+from inference.core import pipeline
+from inference.core.datasets import CANONICAL_CLASSES
+from inference.core.model import MODEL_FILE, SERVING_FILE, Predictor, file_sha256, read_metadata, verify_files
+from inference.core.pipeline import PatchOutcome
+from inference.models import ModelActivation, ModelVersion, Prediction
 
 logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 3
 
-_models: dict[int, LoadedModel] = {}
+_models: dict[int, Predictor] = {}
 _models_lock = threading.Lock()
 
 
@@ -38,7 +40,11 @@ class ModelUnavailable(RuntimeError):
     """No usable active model: patches stay queued until one is activated."""
 
 
-def model_load_active() -> tuple[ModelVersion, LoadedModel]:
+class ModelRejected(ValueError):
+    """A model directory the platform cannot register or serve; the message says why."""
+
+
+def model_load_active() -> tuple[ModelVersion, Predictor]:
     """The active model version, loaded once per process and kept in memory."""
     version = ModelVersion.objects.filter(is_active=True).first()
     if version is None:
@@ -46,7 +52,7 @@ def model_load_active() -> tuple[ModelVersion, LoadedModel]:
     with _models_lock:
         loaded = _models.get(version.pk)
         if loaded is None:
-            loaded = core.load_model(version.directory)
+            loaded = core.Predictor(version.directory)
             if loaded.file_sha256 != version.file_sha256:
                 raise ModelUnavailable(
                     f"{version}: model file hash {loaded.file_sha256} differs from the registered "
@@ -54,21 +60,45 @@ def model_load_active() -> tuple[ModelVersion, LoadedModel]:
                 )
             _models.clear()  # one model in memory: the previous active one is no longer needed
             _models[version.pk] = loaded
-            logger.info("loaded model %s from %s", version, version.directory)
+            logger.info("loaded model %s (%s) from %s", version, loaded.backend, version.directory)
     return version, loaded
 
 
-def model_register(*, directory: str | Path, activate: bool = False, activated_by=None) -> ModelVersion:
-    """Register a model directory (idempotent for the same name, version and file hash)."""
+def model_check(directory: str | Path) -> dict:
+    """The metadata of a model directory the platform can serve, or ModelRejected saying why.
+
+    Checks: required files and metadata, every recorded file hash, classes known to the
+    platform, a supported input spec, and that the serving copy loads with matching outputs.
+    """
     directory = Path(directory)
-    metadata = read_metadata(directory)
-    sha = file_sha256(directory / core.model.MODEL_FILE)
-    base = Path(settings.BASE_DIR)
-    stored_path = (
-        str(directory.resolve().relative_to(base))
-        if directory.resolve().is_relative_to(base)
-        else str(directory.resolve())
-    )
+    try:
+        metadata = read_metadata(directory)
+        verify_files(directory, metadata)
+    except (OSError, ValueError) as exc:
+        raise ModelRejected(str(exc)) from None
+    unknown = [c for c in metadata["classes"] if c not in CANONICAL_CLASSES]
+    if unknown:
+        raise ModelRejected(f"classes the platform does not know: {', '.join(unknown)}")
+    if not (directory / SERVING_FILE).is_file():
+        raise ModelRejected(f"{directory / SERVING_FILE} (the LiteRT serving copy) is missing")
+    try:
+        core.Predictor(directory)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ModelRejected(f"the serving copy cannot be loaded: {exc}") from None
+    return metadata
+
+
+def model_register(*, directory: str | Path) -> tuple[ModelVersion, bool]:
+    """Register a model directory after ``model_check``. Returns (version, created).
+
+    Registering the same name, version and files again is a no-op; the same name and version
+    with different files is refused (bump the version).
+    """
+    directory = Path(directory).resolve()
+    metadata = model_check(directory)
+    sha = file_sha256(directory / MODEL_FILE)
+    base = Path(settings.BASE_DIR).resolve()
+    stored_path = str(directory.relative_to(base)) if directory.is_relative_to(base) else str(directory)
     with transaction.atomic():
         version, created = ModelVersion.objects.get_or_create(
             name=metadata["name"],
@@ -82,23 +112,32 @@ def model_register(*, directory: str | Path, activate: bool = False, activated_b
                 "metadata": metadata,
             },
         )
-        if not created and version.file_sha256 != sha:
-            raise ValueError(f"{version} is already registered with a different model file; bump the version")
-        if activate and not version.is_active:
-            ModelVersion.objects.filter(is_active=True).update(is_active=False)
-            version.is_active = True
-            version.activated_at = timezone.now()
-            version.activated_by = activated_by
-            version.save(update_fields=["is_active", "activated_at", "activated_by"])
-    return version
+    if not created and version.file_sha256 != sha:
+        raise ModelRejected(f"{version} is already registered with a different model file; bump the version")
+    return version, created
 
 
-@dataclass
-class _Outcome:
-    patch: TissuePatch
-    status: str
-    reason: str = ""
-    prediction: core.PatchPrediction | None = None
+def model_activate(*, version: ModelVersion, actor: str, user=None, reason: str = "") -> ModelActivation | None:
+    """Make ``version`` the one the workers serve, after re-checking its files. Records who and when.
+
+    Returns the activation record, or None when the version was already active.
+    """
+    model_check(version.directory)
+    if file_sha256(version.directory / MODEL_FILE) != version.file_sha256:
+        raise ModelRejected(f"{version}: the model file changed since it was registered")
+    with transaction.atomic():
+        current = ModelVersion.objects.select_for_update().filter(is_active=True).first()
+        if current is not None and current.pk == version.pk:
+            return None
+        ModelVersion.objects.filter(is_active=True).update(is_active=False)
+        ModelVersion.objects.filter(pk=version.pk).update(
+            is_active=True, activated_at=timezone.now(), activated_by=user
+        )
+        activation = ModelActivation.objects.create(
+            model_version=version, previous=current, activated_by=user, actor=actor, reason=reason
+        )
+    logger.warning("model %s activated by %s (was %s)", version, actor, current)
+    return activation
 
 
 def prediction_run(*, patch_ids: list[int]) -> dict[str, int]:
@@ -123,44 +162,31 @@ def prediction_run(*, patch_ids: list[int]) -> dict[str, int]:
     size = max(1, settings.INFERENCE_BATCH_SIZE)
     for start in range(0, len(patches), size):
         outcomes = _analyse(patches[start : start + size], loaded)
-        for outcome in outcomes:
+        for _, outcome in outcomes:
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
         _store(outcomes, version, token)
     return counts
 
 
-def _analyse(patches: list[TissuePatch], loaded: LoadedModel) -> list[_Outcome]:
-    outcomes: list[_Outcome] = []
+def _analyse(patches: list[TissuePatch], predictor: Predictor) -> list[tuple[TissuePatch, PatchOutcome]]:
     images = []
     for patch in patches:
         try:
             with default_storage.open(patch.storage_name, "rb") as handle:
-                image = core.decode_rgb(handle.read())
-        except (OSError, ValueError) as exc:
-            outcomes.append(_Outcome(patch, TissuePatch.Status.FAILED, f"stored image cannot be read: {exc}"))
-            continue
-        quality = core.quality_check(image)
-        if not quality.ok:
-            outcomes.append(_Outcome(patch, TissuePatch.Status.UNASSESSABLE, quality.reason))
-            continue
-        outcomes.append(_Outcome(patch, TissuePatch.Status.DONE))
-        images.append(image)
-    to_predict = [o for o in outcomes if o.status == TissuePatch.Status.DONE]
-    if to_predict:
-        batch = core.preprocess(images, loaded.input_size, loaded.preprocessing)
-        for outcome, result in zip(to_predict, core.predict(loaded, batch), strict=True):
-            outcome.prediction = result
-    return outcomes
+                images.append(handle.read())
+        except OSError as exc:
+            logger.warning("patch %s: stored file unreadable: %s", patch.pk, exc)
+            images.append(b"")  # decodes as a failure with its reason
+    return list(zip(patches, pipeline.analyse(predictor, images), strict=True))
 
 
-def _store(outcomes: list[_Outcome], version: ModelVersion, token: uuid.UUID) -> None:
-    case_ids = sorted({o.patch.case_id for o in outcomes})
+def _store(outcomes: list[tuple[TissuePatch, PatchOutcome]], version: ModelVersion, token: uuid.UUID) -> None:
+    case_ids = sorted({patch.case_id for patch, _ in outcomes})
     with transaction.atomic():
         # Lock the cases so that two workers finishing a case's last patches cannot both miss
         # the moment every patch has a result.
         list(BiopsyCase.objects.select_for_update().filter(pk__in=case_ids).order_by("pk"))
-        for outcome in outcomes:
-            patch = outcome.patch
+        for patch, outcome in outcomes:
             if outcome.prediction is None:
                 TissuePatch.objects.filter(pk=patch.pk, claim_token=token).update(
                     status=outcome.status, failure_reason=outcome.reason
@@ -173,6 +199,9 @@ def _store(outcomes: list[_Outcome], version: ModelVersion, token: uuid.UUID) ->
                         model_version=version,
                         scores=outcome.prediction.scores,
                         label=outcome.prediction.label,
+                        uncertainty=outcome.prediction.uncertainty,
+                        needs_attention=outcome.prediction.needs_attention,
+                        heatmaps=outcome.prediction.heatmaps,
                         inference_seconds=outcome.prediction.seconds,
                     )
             except IntegrityError:

@@ -119,9 +119,12 @@ def case(clinician):
 
 @pytest.fixture
 def demo_model(db):
-    from inference.services import model_register
+    from inference.services import model_activate, model_register
 
-    return model_register(directory=DEMO_MODEL, activate=True)
+    version, _ = model_register(directory=DEMO_MODEL)
+    model_activate(version=version, actor="test")
+    version.refresh_from_db()
+    return version
 
 
 CASE_PAYLOAD = {

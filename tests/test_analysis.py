@@ -63,6 +63,7 @@ def test_prediction_run_classifies_held_out_patches_and_readies_case(case, clini
         assert set(prediction.scores) == set(demo_model.classes)
         assert abs(sum(prediction.scores.values()) - 1) < 1e-4
         assert prediction.inference_seconds > 0
+        assert 0 <= prediction.uncertainty <= 1 and set(prediction.heatmaps) == {prediction.label, "TUM"}
     case.refresh_from_db()
     assert case.status == BiopsyCase.Status.READY_FOR_REVIEW
 
@@ -118,8 +119,8 @@ def test_changed_model_file_is_refused(case, clinician, demo_model):
 def test_model_is_loaded_once_per_process(case, clinician, demo_model, monkeypatch):
     services._models.clear()
     loads = []
-    real_load = services.core.load_model
-    monkeypatch.setattr(services.core, "load_model", lambda d: loads.append(d) or real_load(d))
+    real_predictor = services.core.Predictor
+    monkeypatch.setattr(services.core, "Predictor", lambda d: loads.append(d) or real_predictor(d))
     for name in ("NORM-TCGA-CWFDHWAH.png", "TUM-TCGA-KECNIDCQ.png"):
         (patch,) = upload(case, clinician, [name])
         services.prediction_run(patch_ids=[patch.pk])

@@ -118,21 +118,22 @@ def test_mixed_upload_accepts_valid_files_and_names_each_bad_one(case, lab_api, 
     assert len(stored_files(_media_root)) == 2
 
 
-def test_stored_file_is_reencoded_png_under_server_name(case, lab_api, _media_root):
-    tiff = fixture_patch("TUM-AACHEHDV.tif").read_bytes()
-    response = post_files(lab_api, case, [("my scan.tif", tiff)])
+def test_stored_file_is_a_lossless_reencoding_under_a_server_name(case, lab_api, _media_root):
+    import hashlib
+    import re
+
+    upload = fixture_patch("TUM-TCGA-KECNIDCQ.png").read_bytes()
+    response = post_files(lab_api, case, [("my scan.png", upload)])
     assert response.status_code == 202
     patch = TissuePatch.objects.get()
-    assert patch.format == "TIFF" and (patch.width, patch.height) == (224, 224)
-    assert patch.original_name == "my scan.tif"
-    assert "scan" not in patch.storage_name and patch.storage_name.endswith(".png")
+    assert patch.format == "PNG" and (patch.width, patch.height) == (224, 224)
+    assert patch.original_name == "my scan.png"
+    assert re.fullmatch(r"patches/\d+/[0-9a-f]{32}\.tif", patch.storage_name)
     stored = _media_root / patch.storage_name
-    assert stored.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    import hashlib
-
+    assert stored.read_bytes()[:4] in (b"II*\x00", b"MM\x00*")  # re-encoded, not the uploaded bytes
     assert patch.sha256 == hashlib.sha256(stored.read_bytes()).hexdigest()
-    assert patch.source_sha256 == hashlib.sha256(tiff).hexdigest()
-    with Image.open(stored) as image, Image.open(fixture_patch("TUM-AACHEHDV.tif")) as original:
+    assert patch.source_sha256 == hashlib.sha256(upload).hexdigest()
+    with Image.open(stored) as image, Image.open(fixture_patch("TUM-TCGA-KECNIDCQ.png")) as original:
         assert image.convert("RGB").tobytes() == original.convert("RGB").tobytes()
 
 

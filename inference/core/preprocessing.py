@@ -1,28 +1,17 @@
-"""Decoding, quality control and preprocessing of H&E patches (numpy + Pillow only)."""
+"""Decoding, storage encoding and preprocessing of H&E patches (numpy + Pillow only)."""
 
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
 
-# A patch whose pixels barely vary is blank glass or a flat fill, not tissue: its prediction
-# would be meaningless. Grey-level standard deviation measured on the 165 real tiles in
-# ../shared/data (PathMNIST excluded): tissue classes 11.7 and up (lowest: an NCT MUC tile);
-# the 13 background tiles (BACK / 08_EMPTY) 0.58 to 13.4; flat fills 0. Below 2.0 only empty glass falls
-# (the NCT BACK sample, 0.58), which is unassessable rather than a classification.
-# Issue 3 refines QC (background fraction, focus, stain range).
-MIN_GREY_STD = 2.0
-
-
-@dataclass(frozen=True)
-class QualityResult:
-    """Outcome of the input quality check: ``ok`` False means unassessable, with ``reason``."""
-
-    ok: bool
-    reason: str = ""
+# Stored patches are uncompressed TIFF: lossless like PNG, and decoded in about 0.2 ms instead of
+# about 1.2 ms for a 224 px patch (measured here on the shared samples): the worker decodes every
+# stored patch on its hot path, while storage is cheap (147 KB instead of 72 KB for 224 px).
+STORAGE_FORMAT = "TIFF"
+STORAGE_SUFFIX = ".tif"
 
 
 def decode_rgb(data: bytes) -> Image.Image:
@@ -34,17 +23,16 @@ def decode_rgb(data: bytes) -> Image.Image:
     try:
         with Image.open(io.BytesIO(data)) as image:
             image.load()
-            return image.convert("RGB")
+            return image if image.mode == "RGB" else image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ValueError(f"cannot decode image: {exc}") from exc
 
 
-def quality_check(image: Image.Image) -> QualityResult:
-    """Reject inputs the classifier cannot assess (currently: blank or flat images)."""
-    grey = np.asarray(image.convert("L"), dtype=np.float32)
-    if float(grey.std()) < MIN_GREY_STD:
-        return QualityResult(False, "blank or uniform image: no tissue texture to classify")
-    return QualityResult(True)
+def encode_for_storage(image: Image.Image) -> bytes:
+    """Lossless bytes of an RGB image in the platform's storage format."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format=STORAGE_FORMAT)
+    return buffer.getvalue()
 
 
 def preprocess(images: list[Image.Image], input_size: int, scheme: str = "mobilenet_v2") -> np.ndarray:
@@ -60,10 +48,13 @@ def preprocess(images: list[Image.Image], input_size: int, scheme: str = "mobile
     """
     if scheme != "mobilenet_v2":
         raise ValueError(f"unknown preprocessing scheme: {scheme}")
-    batch = np.empty((len(images), input_size, input_size, 3), dtype=np.float32)
+    pixels = np.empty((len(images), input_size, input_size, 3), dtype=np.uint8)
     for i, image in enumerate(images):
-        resized = image
         if image.size != (input_size, input_size):
-            resized = image.resize((input_size, input_size), Image.Resampling.BILINEAR)
-        batch[i] = np.asarray(resized, dtype=np.float32)
-    return batch / 127.5 - 1.0
+            image = image.resize((input_size, input_size), Image.Resampling.BILINEAR)  # noqa: PLW2901
+        pixels[i] = np.asarray(image)
+    # One float allocation, scaled in place: fresh large arrays cost more than the arithmetic.
+    batch = pixels.astype(np.float32)
+    batch *= 1 / 127.5
+    batch -= 1.0
+    return batch

@@ -1,28 +1,40 @@
 """Transfer learning of a MobileNetV2 tissue classifier on folder-per-class data.
 
-This first version trains a classification head on a frozen ImageNet MobileNetV2 backbone:
-features of every training image (and its eight 90-degree rotations/flips, which keep
-histology semantics) are computed once, the head is fitted on them, and the backbone and head
-are saved together as one Keras model. A stratified hold-out split, chosen by group (slide)
-where file names tell it, measures accuracy on images the model never saw.
+Recipe (``train_classifier``):
+
+1. Split by leakage group (slide from the file name, or identical dHash) into train,
+   validation and test, stratified by class as far as the groups allow.
+2. Phase 1: a 1x1-convolution class head on the frozen ImageNet backbone. Phase 2: fine-tune the
+   top inverted-residual blocks at a low learning rate (batch-norm statistics stay frozen).
+   Images stream from disk in batches with histology augmentation (``augment.augment``); classes
+   are weighted by inverse frequency; each phase stops early on validation loss.
+3. Temperature scaling fitted on the validation split; metrics on the untouched test split.
+4. Output directory: ``model.keras`` (outputs logits and the class-activation map),
+   ``model.tflite`` (the LiteRT serving copy), ``metadata.json`` and ``MODEL_CARD.md``.
+
+The head is linear on the last feature map and followed by global average pooling, so the
+per-location class map *is* the class activation map: explanations cost no gradient pass.
 """
 
 from __future__ import annotations
 
-import json
+import math
 import platform
 import random
+import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from inference.core.datasets import LabelledImage, manifest_sha256
-from inference.core.model import METADATA_FILE, MODEL_FILE, file_sha256
+from inference.core import evaluation
+from inference.core.augment import augment
+from inference.core.datasets import LabelledImage, leakage_groups, manifest_sha256
+from inference.core.model import MODEL_FILE, SERVING_FILE, file_sha256, write_metadata
 from inference.core.preprocessing import preprocess
 
 
@@ -32,43 +44,216 @@ class TrainingConfig:
     weights: str  # path to a no-top weights file, or "imagenet" (downloads: needs internet)
     alpha: float = 0.35
     input_size: int = 224
-    epochs: int = 60
+    um_per_px: float = 0.5  # the scale the model is meant for (NCT-CRC-HE-100K: 224 px = 112 µm)
+    head_epochs: int = 30
+    fine_tune_epochs: int = 15
+    fine_tune_from: str = "block_13"  # first backbone layer trained in phase 2
+    head_learning_rate: float = 2e-3
+    fine_tune_learning_rate: float = 1e-4
+    batch_size: int = 32
+    patience: int = 5
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    dropout: float = 0.2
+    augment: bool = True
     seed: int = 1
-    holdout_fraction: float = 0.25
+    attention_threshold: float = 0.7  # calibrated top probability below this: "needs attention"
     name: str = "tissue-mobilenetv2"
     version: str = "1"
+    extra: dict[str, Any] = field(default_factory=dict)
 
 
-def split_holdout(
-    images: list[LabelledImage], fraction: float, seed: int
-) -> tuple[list[LabelledImage], list[LabelledImage]]:
-    """Split per class into (train, holdout), keeping each group wholly on one side.
+def split_by_group(
+    images: list[LabelledImage], val_fraction: float, test_fraction: float, seed: int
+) -> tuple[list[LabelledImage], list[LabelledImage], list[LabelledImage]]:
+    """(train, validation, test): whole leakage groups go to one side; stratified greedily.
 
-    Every class with at least two groups gets at least one group in each side.
+    Groups are visited in a seeded random order; each goes to the held-out split whose
+    per-class quota it fills best, or to training once the quotas are met.
     """
-    rng = random.Random(seed)  # noqa: S311 - a reproducible split, not security
-    train: list[LabelledImage] = []
-    holdout: list[LabelledImage] = []
-    by_class: dict[str, dict[str, list[LabelledImage]]] = defaultdict(lambda: defaultdict(list))
-    for image in images:
-        by_class[image.label][f"{image.source}/{image.group}"].append(image)
-    for label in sorted(by_class):
-        groups = sorted(by_class[label])
-        rng.shuffle(groups)
-        n_holdout = 0 if len(groups) < 2 else max(1, round(len(groups) * fraction))
-        for i, group in enumerate(groups):
-            (holdout if i < n_holdout else train).extend(by_class[label][group])
-    return train, holdout
+    groups = leakage_groups(images)
+    members: dict[str, list[LabelledImage]] = defaultdict(list)
+    for image, group in zip(images, groups, strict=True):
+        members[group].append(image)
+    totals = Counter(i.label for i in images)
+    need = {
+        "val": {c: val_fraction * n for c, n in totals.items()},
+        "test": {c: test_fraction * n for c, n in totals.items()},
+    }
+    order = sorted(members)
+    random.Random(seed).shuffle(order)  # noqa: S311 - a reproducible split, not security
+    out: dict[str, list[LabelledImage]] = {"train": [], "val": [], "test": []}
+    for group in order:
+        counts = Counter(i.label for i in members[group])
+        best, best_fill = "train", 0.0
+        for split in ("test", "val"):
+            fill = sum(min(n, need[split][c]) for c, n in counts.items())
+            # Take the group only if at least half of it fills a quota: no class overshoots much.
+            if fill >= 0.5 * sum(counts.values()) and fill > best_fill:
+                best, best_fill = split, fill
+        out[best].extend(members[group])
+        if best != "train":
+            for c, n in counts.items():
+                need[best][c] = max(0.0, need[best][c] - n)
+    return out["train"], out["val"], out["test"]
 
 
-def _dihedral(image: Image.Image) -> list[Image.Image]:
-    rotations = [image.rotate(angle, expand=True) for angle in (0, 90, 180, 270)]
-    return rotations + [r.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for r in rotations]
+def _load(image: LabelledImage) -> Image.Image:
+    with Image.open(image.path) as handle:
+        return handle.convert("RGB")
 
 
-def _load(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        return image.convert("RGB")
+def _batches(items: list[LabelledImage], index: dict[str, int], config: TrainingConfig, *, train: bool):
+    import keras
+
+    class PatchBatches(keras.utils.PyDataset):
+        """Streams (images, labels, weights) from disk; a training epoch reshuffles and augments."""
+
+        def __init__(self) -> None:
+            super().__init__(workers=2 if train else 1, use_multiprocessing=False)
+            self.epoch = 0
+            counts = Counter(i.label for i in items)
+            self.class_weight = {c: len(items) / (len(counts) * n) for c, n in counts.items()}
+            self.order = list(range(len(items)))
+            self._shuffle()
+
+        def _shuffle(self) -> None:
+            if train:
+                self.order = list(np.random.default_rng([config.seed, self.epoch]).permutation(len(items)))
+
+        def __len__(self) -> int:
+            return math.ceil(len(items) / config.batch_size)
+
+        def __getitem__(self, batch: int):
+            chosen = [items[i] for i in self.order[batch * config.batch_size : (batch + 1) * config.batch_size]]
+            rng = np.random.default_rng([config.seed, self.epoch, batch])
+            pictures = [_load(i) for i in chosen]
+            if train and config.augment:
+                pictures = [augment(p, rng) for p in pictures]
+            x = preprocess(pictures, config.input_size)
+            y = np.array([index[i.label] for i in chosen], dtype=np.int32)
+            w = np.array([self.class_weight[i.label] for i in chosen], dtype=np.float32)
+            return (x, y, w) if train else (x, y)
+
+        def on_epoch_end(self) -> None:
+            self.epoch += 1
+            self._shuffle()
+
+    return PatchBatches()
+
+
+def build_networks(config: TrainingConfig):
+    """(serving model with outputs {logits, class_map}, training model with logits, backbone)."""
+    import keras
+
+    size = config.input_size
+    inputs = keras.Input(shape=(size, size, 3), name="image")
+    backbone = keras.applications.MobileNetV2(
+        input_shape=(size, size, 3), alpha=config.alpha, include_top=False, weights=config.weights
+    )
+    features = backbone(inputs)
+    dropped = keras.layers.Dropout(config.dropout, seed=config.seed)(features)
+    class_map = keras.layers.Conv2D(len(config.classes), 1, name="class_map")(dropped)
+    logits = keras.layers.GlobalAveragePooling2D(name="logits")(class_map)
+    serving = keras.Model(inputs, {"logits": logits, "class_map": class_map}, name=config.name)
+    training = keras.Model(inputs, logits, name=f"{config.name}-training")
+    return serving, training, backbone
+
+
+def _logits(model, items: list[LabelledImage], config: TrainingConfig) -> np.ndarray:
+    if not items:
+        return np.zeros((0, len(config.classes)), dtype=np.float32)
+    chunks = []
+    for start in range(0, len(items), config.batch_size):
+        batch = preprocess([_load(i) for i in items[start : start + config.batch_size]], config.input_size)
+        output = model(batch, training=False)
+        chunks.append(np.asarray(output["logits"] if isinstance(output, dict) else output))
+    return np.concatenate(chunks)
+
+
+def fit(
+    images: list[LabelledImage], config: TrainingConfig, progress: Callable[[str], None] = print
+) -> tuple[Any, dict[str, Any]]:
+    """Split, train both phases and calibrate. Returns (serving Keras model, facts for metadata)."""
+    import keras
+
+    keras.utils.set_random_seed(config.seed)
+    images = [i for i in images if i.label in config.classes]
+    missing = [c for c in config.classes if not any(i.label == c for i in images)]
+    if missing:
+        raise ValueError(f"no training images for class(es): {', '.join(missing)}")
+    train, val, test = split_by_group(images, config.val_fraction, config.test_fraction, config.seed)
+    if not train:
+        raise ValueError("the split left no training images")
+    progress(f"{len(train)} training, {len(val)} validation, {len(test)} test images; {len(config.classes)} classes")
+    index = {name: i for i, name in enumerate(config.classes)}
+    serving, training, backbone = build_networks(config)
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    verbose = "auto"
+    monitor = "val_loss" if val else "loss"
+    history: dict[str, list[float]] = {}
+
+    def run_phase(label: str, epochs: int, learning_rate: float) -> None:
+        if epochs <= 0:
+            return
+        training.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
+        stop = keras.callbacks.EarlyStopping(monitor=monitor, patience=config.patience, restore_best_weights=True)
+        progress(f"{label}: up to {epochs} epochs at learning rate {learning_rate:g}")
+        started = time.monotonic()
+        result = training.fit(
+            _batches(train, index, config, train=True),
+            validation_data=_batches(val, index, config, train=False) if val else None,
+            epochs=epochs,
+            callbacks=[stop],
+            verbose=verbose,
+        )
+        for key, values in result.history.items():
+            history[f"{label}_{key}"] = [round(float(v), 5) for v in values]
+        progress(f"{label}: {len(result.history['loss'])} epochs in {time.monotonic() - started:.0f} s")
+
+    backbone.trainable = False
+    run_phase("head", config.head_epochs, config.head_learning_rate)
+    backbone.trainable = True
+    trainable = False
+    for layer in backbone.layers:
+        trainable = trainable or layer.name.startswith(config.fine_tune_from)
+        # Batch-norm statistics stay as learnt on ImageNet: small batches would spoil them.
+        layer.trainable = trainable and not isinstance(layer, keras.layers.BatchNormalization)
+    run_phase("fine_tune", config.fine_tune_epochs, config.fine_tune_learning_rate)
+    backbone.trainable = False
+
+    val_logits = _logits(training, val, config)
+    val_labels = np.array([index[i.label] for i in val], dtype=np.int64)
+    temperature = evaluation.fit_temperature(val_logits, val_labels) if len(val) >= 2 else 1.0
+    calibration: dict[str, Any] = {"temperature": round(float(temperature), 5), "fitted_on": "validation"}
+    if len(val):
+        calibration["ece_before"] = round(
+            evaluation.expected_calibration_error(evaluation.softmax(val_logits), val_labels), 5
+        )
+        calibration["ece_after"] = round(
+            evaluation.expected_calibration_error(evaluation.softmax(val_logits, temperature), val_labels), 5
+        )
+        calibration["n"] = len(val)
+    before, after = calibration.get("ece_before"), calibration.get("ece_after")
+    progress(f"temperature {temperature:.3f} (validation ECE {before} -> {after})")
+
+    facts: dict[str, Any] = {
+        "split": {"train": len(train), "validation": len(val), "test": len(test)},
+        "test_files": sorted(f"{i.source}/{i.path.parent.name}/{i.path.name}" for i in test),
+        "history": history,
+        "calibration": calibration,
+    }
+    if test:
+        test_logits = _logits(training, test, config)
+        probabilities = evaluation.softmax(test_logits, temperature)
+        report = evaluation.evaluate(probabilities, [i.label for i in test], list(config.classes))
+        labels = [i.label for i in test]
+        report["ece_uncalibrated"] = evaluation.evaluate(evaluation.softmax(test_logits), labels, list(config.classes))[
+            "ece"
+        ]
+        facts["test_metrics"] = report
+        progress(f"test accuracy {report['accuracy']:.4f} on {len(test)} images (macro F1 {report['macro_f1']:.4f})")
+    return serving, facts
 
 
 def train_classifier(
@@ -77,13 +262,13 @@ def train_classifier(
     out: str | Path,
     progress: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    """Train, evaluate on the hold-out split and write a model version directory.
+    """Train, calibrate, evaluate and write a model version directory.
 
     Args:
         images: labelled images (see ``datasets.scan_folder``); labels outside ``config.classes``
             are ignored.
         config: what to train.
-        out: directory to write ``model.keras`` and ``metadata.json`` into (created).
+        out: directory to write into (created).
         progress: called with one line of progress text at a time.
 
     Returns:
@@ -91,74 +276,13 @@ def train_classifier(
     """
     import keras
 
-    keras.utils.set_random_seed(config.seed)
+    started = time.monotonic()
+    serving, facts = fit(images, config, progress)
     images = [i for i in images if i.label in config.classes]
-    missing = [c for c in config.classes if not any(i.label == c for i in images)]
-    if missing:
-        raise ValueError(f"no training images for class(es): {', '.join(missing)}")
-    train, holdout = split_holdout(images, config.holdout_fraction, config.seed)
-    progress(f"{len(train)} training and {len(holdout)} hold-out images, {len(config.classes)} classes")
-
-    backbone = keras.applications.MobileNetV2(
-        input_shape=(config.input_size, config.input_size, 3),
-        alpha=config.alpha,
-        include_top=False,
-        weights=config.weights,
-        pooling="avg",
-    )
-    backbone.trainable = False
-    index = {name: i for i, name in enumerate(config.classes)}
-
-    def features(batch_images: list[Image.Image]) -> np.ndarray:
-        chunks = []
-        for start in range(0, len(batch_images), 32):
-            chunk = preprocess(batch_images[start : start + 32], config.input_size)
-            chunks.append(np.asarray(backbone(chunk, training=False)))
-        return np.concatenate(chunks)
-
-    progress("computing backbone features of the training images and their 8 orientations")
-    train_x = features([view for item in train for view in _dihedral(_load(item.path))])
-    train_y = np.repeat([index[i.label] for i in train], 8)
-
-    counts = Counter(train_y.tolist())
-    class_weight = {k: len(train_y) / (len(counts) * v) for k, v in counts.items()}
-    head = keras.Sequential(
-        [
-            keras.layers.Input(shape=(train_x.shape[1],)),
-            keras.layers.Dropout(0.3, seed=config.seed),
-            keras.layers.Dense(len(config.classes), activation="softmax", name="classes"),
-        ]
-    )
-    head.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
-    progress(f"training the classification head for {config.epochs} epochs")
-    history = head.fit(
-        train_x, train_y, epochs=config.epochs, batch_size=32, class_weight=class_weight, shuffle=True, verbose=0
-    )
-    progress(f"final training loss {history.history['loss'][-1]:.4f}")
-
-    inputs = keras.Input(shape=(config.input_size, config.input_size, 3), name="image")
-    model = keras.Model(inputs, head(backbone(inputs, training=False)), name=config.name)
-
-    metrics: dict[str, Any] = {"holdout_images": len(holdout)}
-    if holdout:
-        holdout_x = preprocess([_load(i.path) for i in holdout], config.input_size)
-        predicted = np.asarray(model.predict(holdout_x, verbose=0)).argmax(axis=1)
-        truth = np.array([index[i.label] for i in holdout])
-        metrics["holdout_accuracy"] = round(float((predicted == truth).mean()), 4)
-        metrics["holdout_per_class_accuracy"] = {
-            name: round(float((predicted[truth == k] == k).mean()), 4)
-            for name, k in index.items()
-            if (truth == k).any()
-        }
-        confusion = np.zeros((len(config.classes),) * 2, dtype=int)
-        for t, p in zip(truth, predicted, strict=True):
-            confusion[t, p] += 1
-        metrics["holdout_confusion"] = confusion.tolist()
-        progress(f"hold-out accuracy {metrics['holdout_accuracy']:.4f} on {len(holdout)} images")
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model.save(out / MODEL_FILE)
+    serving.save(out / MODEL_FILE)
+    serving.export(str(out / SERVING_FILE), format="litert", verbose=False)
     sources = sorted({i.source for i in images})
     metadata = {
         "name": config.name,
@@ -166,23 +290,72 @@ def train_classifier(
         "classes": list(config.classes),
         "input_size": config.input_size,
         "preprocessing": "mobilenet_v2",
-        "um_per_px": 0.5,
-        "architecture": f"MobileNetV2 alpha {config.alpha}, frozen ImageNet backbone, softmax head",
+        "um_per_px": config.um_per_px,
+        "outputs": {"logits": "class logits", "class_map": "per-location logits, 7x7 grid (class activation map)"},
+        "readout": {"positive": "TUM", "negative": "NORM"} if {"TUM", "NORM"} <= set(config.classes) else None,
+        "architecture": f"MobileNetV2 alpha {config.alpha} (ImageNet), 1x1-conv class map + global average pool",
+        "calibration": {**facts["calibration"], "attention_threshold": config.attention_threshold},
         "training": {
-            "sources": {s: dict(Counter(i.label for i in images if i.source == s)) for s in sources},
-            "train_images": len(train),
-            "holdout_images": len(holdout),
-            "holdout_files": sorted(f"{i.source}/{i.path.parent.name}/{i.path.name}" for i in holdout),
+            "sources": {
+                s: {
+                    "um_per_px": next(i.um_per_px for i in images if i.source == s),
+                    "images": dict(sorted(Counter(i.label for i in images if i.source == s).items())),
+                }
+                for s in sources
+            },
+            "split": facts["split"],
+            "test_files": facts["test_files"],
             "data_manifest_sha256": manifest_sha256(images),
             "weights": config.weights if config.weights == "imagenet" else Path(config.weights).name,
             "weights_sha256": None if config.weights == "imagenet" else file_sha256(config.weights),
-            "augmentation": "8 dihedral orientations (90-degree rotations and flips)",
-            "epochs": config.epochs,
-            "seed": config.seed,
+            "config": {k: v for k, v in asdict(config).items() if k not in {"classes", "weights", "extra"}},
+            "augmentation": "scale jitter 0.8-1.33, 90-degree rotations and flips, HED stain jitter (sigma 0.08), "
+            "brightness/contrast, Gaussian blur (p 0.25)",
+            "history": facts["history"],
+            "seconds": round(time.monotonic() - started, 1),
             "keras": keras.__version__,
             "python": platform.python_version(),
+            **config.extra,
         },
-        "metrics": metrics,
+        "metrics": {"test": facts.get("test_metrics")},
     }
-    (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+    write_metadata(out, metadata)
     return metadata
+
+
+def leave_one_dataset_out(
+    images: list[LabelledImage], config: TrainingConfig, progress: Callable[[str], None] = print
+) -> dict[str, dict[str, Any]]:
+    """Estimate generalisation to an unseen lab: for each source, train on the others, test on it.
+
+    Scores are restricted to the classes present in the held-out source; NORM-vs-TUM accuracy is
+    measured on its NORM and TUM images with the scores restricted to those two classes.
+    """
+    results: dict[str, dict[str, Any]] = {}
+    sources = sorted({i.source for i in images if i.label in config.classes})
+    for source in sources:
+        held_out = [i for i in images if i.source == source and i.label in config.classes]
+        rest = [i for i in images if i.source != source]
+        absent = [c for c in config.classes if not any(i.label == c for i in rest)]
+        if absent:
+            progress(f"leave out {source}: skipped, the other sources lack {', '.join(absent)}")
+            continue
+        progress(f"leave out {source}: training on the other sources")
+        model, facts = fit(rest, replace(config, test_fraction=0.0), progress)
+        temperature = facts["calibration"]["temperature"]
+        probabilities = evaluation.softmax(_logits(model, held_out, config), temperature)
+        labels = [i.label for i in held_out]
+        report = evaluation.evaluate(probabilities, labels, list(config.classes))
+        row: dict[str, Any] = {"images": len(held_out), "accuracy": report["accuracy"], "report": report}
+        pair = [k for k, i in enumerate(held_out) if i.label in {"NORM", "TUM"}]
+        if pair and {"NORM", "TUM"} <= set(config.classes):
+            binary = evaluation.restrict_to_classes(probabilities[pair], list(config.classes), ["NORM", "TUM"])
+            truth = np.array([held_out[k].label == "TUM" for k in pair])
+            row["norm_vs_tum_images"] = len(pair)
+            row["norm_vs_tum_accuracy"] = round(float(((binary[:, 1] >= 0.5) == truth).mean()), 6)
+        results[source] = row
+        progress(
+            f"leave out {source}: accuracy {row['accuracy']:.3f} on {len(held_out)} images, "
+            f"NORM-vs-TUM {row.get('norm_vs_tum_accuracy')}"
+        )
+    return results

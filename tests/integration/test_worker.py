@@ -96,7 +96,7 @@ def test_uploaded_patches_are_analysed_by_a_real_worker(seeded, workers):
             continue
         assert patch["status"] == "done", patch
         prediction = patch["prediction"]
-        assert prediction["model_version"] == "tissue-mobilenetv2-demo v1"
+        assert prediction["model_version"] == "tissue-mobilenetv2-demo v2"
         assert prediction["label"] == max(prediction["scores"], key=prediction["scores"].get)
         if patch["original_name"].startswith(("NORM-TCGA-CWFDHWAH", "NORM-TCGA-INTLNRAV")):
             assert prediction["label"] == "NORM"  # held out from the demo model's training

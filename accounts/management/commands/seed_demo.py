@@ -14,8 +14,8 @@ DEMO_USERS = (
 class Command(BaseCommand):
     help = (
         "Create the demo institution (slug 'demo'), one user per role with demo passwords, and "
-        "register and activate the bundled demo model. Safe to run again: nothing is duplicated "
-        "and the demo passwords are reset to the printed ones. For demonstration only."
+        "register the bundled demo model and activate it when no model is active. Safe to run again: "
+        "nothing is duplicated and the demo passwords are reset to the printed ones. For demonstration only."
     )
 
     def add_arguments(self, parser):
@@ -24,7 +24,7 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args, model: str, **options):
-        from inference.services import model_register
+        from inference.services import ModelRejected, model_activate, model_register
 
         with transaction.atomic():
             institution, _ = Institution.objects.get_or_create(slug="demo", defaults={"name": "Demo Hospital"})
@@ -36,10 +36,16 @@ class Command(BaseCommand):
                 user.is_superuser = role == User.Role.ADMIN
                 user.set_password(password)
                 user.save()
+        from inference.models import ModelVersion
+
         try:
-            version = model_register(directory=model, activate=True)
-        except (OSError, ValueError) as exc:
+            version, _ = model_register(directory=model)
+            # An administrator's later choice of model stands: only activate when none is active.
+            if not ModelVersion.objects.filter(is_active=True).exists():
+                model_activate(version=version, actor="system: seed_demo", reason="bundled demo model")
+        except ModelRejected as exc:
             raise CommandError(f"cannot register the demo model at {model}: {exc}") from None
+        version = ModelVersion.objects.get(is_active=True)
         self.stdout.write(f"Institution: {institution.name} (slug {institution.slug})")
         for username, role, password in DEMO_USERS:
             self.stdout.write(f"  {role.label:<13} user {username!r:<14} password {password!r}")

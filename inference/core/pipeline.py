@@ -1,0 +1,61 @@
+"""The served path, as the worker runs it: bytes -> decode -> quality check -> preprocess ->
+batched inference -> results. Django-free, so the benchmark measures exactly this code."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from inference.core.model import PatchPrediction, Predictor
+from inference.core.preprocessing import decode_rgb, preprocess
+from inference.core.quality import assess
+
+DONE, FAILED, UNASSESSABLE = "done", "failed", "unassessable"
+
+
+@dataclass
+class PatchOutcome:
+    """What became of one patch: ``status`` is done, failed or unassessable (with ``reason``)."""
+
+    status: str
+    reason: str = ""
+    prediction: PatchPrediction | None = None
+
+
+def prepare(predictor: Predictor, images: list[bytes]) -> tuple[list[PatchOutcome], np.ndarray | None]:
+    """Decode, quality-check and preprocess one batch: (outcomes, model input for the DONE ones)."""
+    outcomes: list[PatchOutcome] = []
+    decoded = []
+    for data in images:
+        try:
+            image = decode_rgb(data)
+        except ValueError as exc:
+            outcomes.append(PatchOutcome(FAILED, f"stored image cannot be read: {exc}"))
+            continue
+        quality = assess(image)
+        if not quality.ok:
+            outcomes.append(PatchOutcome(UNASSESSABLE, quality.reason))
+            continue
+        outcomes.append(PatchOutcome(DONE))
+        decoded.append(image)
+    batch = preprocess(decoded, predictor.input_size, predictor.preprocessing) if decoded else None
+    return outcomes, batch
+
+
+def infer(predictor: Predictor, outcomes: list[PatchOutcome], batch: np.ndarray | None) -> list[PatchOutcome]:
+    """Run the model on a prepared batch and attach each prediction to its outcome."""
+    if batch is not None:
+        ready = (o for o in outcomes if o.status == DONE)
+        for outcome, prediction in zip(ready, predictor.predict(batch), strict=True):
+            outcome.prediction = prediction
+    return outcomes
+
+
+def analyse(predictor: Predictor, images: list[bytes]) -> list[PatchOutcome]:
+    """Analyse encoded images (PNG/JPEG/TIFF bytes) as one batch; one outcome per image, in order.
+
+    A patch that cannot be decoded fails; one that fails the quality check is unassessable
+    with the reason; the rest are predicted together in a single model call.
+    """
+    return infer(predictor, *prepare(predictor, images))
