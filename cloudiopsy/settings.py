@@ -158,7 +158,7 @@ FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 
 # Analysis.
-INFERENCE_BATCH_SIZE = env_int("INFERENCE_BATCH_SIZE", 16)
+INFERENCE_BATCH_SIZE = env_int("INFERENCE_BATCH_SIZE", 32)
 # A patch queued or running for longer than this is re-enqueued by the reconciler; it must be
 # longer than the task's hard time limit so that a live task is never taken for a lost one.
 ANALYSIS_STALE_AFTER_SECONDS = env_int("ANALYSIS_STALE_AFTER_SECONDS", 600)

@@ -275,3 +275,23 @@ def test_activation_is_recorded_with_who_and_what_it_replaced(tmp_path):
     assert f"* {active.pk:>4}  {active.name}:9" in listing.getvalue()
     with pytest.raises(CommandError, match="no single model version"):
         call_command("activate_model", "nothing-like-this")
+
+
+def test_calibration_fits_a_temperature_on_overconfident_logits():
+    from inference.core.training import calibrate
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, 300)
+    logits = rng.normal(0, 1, (300, 3))
+    logits[np.arange(300), labels] += 1.5  # right about 70% of the time...
+    info = calibrate(logits * 6, labels)  # ...but six times too sure of itself
+    assert 3 < info["temperature"] < 10 and info["ece_after"] < info["ece_before"]
+
+
+def test_calibration_leaves_temperature_alone_without_validation_errors():
+    from inference.core.training import calibrate
+
+    labels = np.array([0, 1, 0, 1])
+    logits = np.array([[3.0, 0.0], [0.0, 3.0], [2.0, 0.0], [0.0, 2.0]])
+    info = calibrate(logits, labels)
+    assert info["temperature"] == 1.0 and "too few" in info["note"]

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import platform
 import random
+import sys
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -36,6 +37,9 @@ from inference.core.augment import augment
 from inference.core.datasets import LabelledImage, leakage_groups, manifest_sha256
 from inference.core.model import MODEL_FILE, SERVING_FILE, file_sha256, write_metadata
 from inference.core.preprocessing import preprocess
+
+MIN_CALIBRATION_ERRORS = 2
+TEMPERATURE_RANGE = (0.5, 10.0)
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,29 @@ class TrainingConfig:
     name: str = "tissue-mobilenetv2"
     version: str = "1"
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def calibrate(logits: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Temperature scaling on validation logits, with its ECE before and after.
+
+    With fewer than MIN_CALIBRATION_ERRORS misclassified samples the likelihood keeps improving
+    as T -> 0, and fitting would make every future prediction look certain: T stays 1 then.
+    A fitted T is kept within TEMPERATURE_RANGE.
+    """
+    errors = int((logits.argmax(axis=1) != labels).sum()) if len(labels) else 0
+    info: dict[str, Any] = {"fitted_on": "validation", "n": len(labels)}
+    if errors >= MIN_CALIBRATION_ERRORS:
+        temperature = float(np.clip(evaluation.fit_temperature(logits, labels), *TEMPERATURE_RANGE))
+    else:
+        temperature = 1.0
+        info["note"] = f"{errors} validation error(s): too few to fit a temperature, left at 1"
+    info["temperature"] = round(temperature, 5)
+    if len(labels):
+        info["ece_before"] = round(evaluation.expected_calibration_error(evaluation.softmax(logits), labels), 5)
+        info["ece_after"] = round(
+            evaluation.expected_calibration_error(evaluation.softmax(logits, temperature), labels), 5
+        )
+    return info
 
 
 def split_by_group(
@@ -189,7 +216,7 @@ def fit(
     index = {name: i for i, name in enumerate(config.classes)}
     serving, training, backbone = build_networks(config)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    verbose = "auto"
+    verbose = 1 if sys.stdout.isatty() else 2  # a progress bar on a terminal, a line per epoch in logs
     monitor = "val_loss" if val else "loss"
     history: dict[str, list[float]] = {}
 
@@ -224,16 +251,8 @@ def fit(
 
     val_logits = _logits(training, val, config)
     val_labels = np.array([index[i.label] for i in val], dtype=np.int64)
-    temperature = evaluation.fit_temperature(val_logits, val_labels) if len(val) >= 2 else 1.0
-    calibration: dict[str, Any] = {"temperature": round(float(temperature), 5), "fitted_on": "validation"}
-    if len(val):
-        calibration["ece_before"] = round(
-            evaluation.expected_calibration_error(evaluation.softmax(val_logits), val_labels), 5
-        )
-        calibration["ece_after"] = round(
-            evaluation.expected_calibration_error(evaluation.softmax(val_logits, temperature), val_labels), 5
-        )
-        calibration["n"] = len(val)
+    calibration = calibrate(val_logits, val_labels)
+    temperature = calibration["temperature"]
     before, after = calibration.get("ece_before"), calibration.get("ece_after")
     progress(f"temperature {temperature:.3f} (validation ECE {before} -> {after})")
 
