@@ -56,12 +56,8 @@ class ModelVersionAdmin(admin.ModelAdmin):
         return False  # predictions point at it
 
 
-@admin.register(Prediction)
-class PredictionAdmin(admin.ModelAdmin):
-    """Read-only: a prediction is the AI's record and is never edited."""
-
-    list_display = ["patch", "label", "model_version", "created_at"]
-    list_filter = ["model_version", "label"]
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Records nobody edits by hand: they are written by the platform and kept as they are."""
 
     def has_add_permission(self, request) -> bool:
         return False
@@ -71,6 +67,14 @@ class PredictionAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request, obj=None) -> bool:
         return False
+
+
+@admin.register(Prediction)
+class PredictionAdmin(ReadOnlyAdmin):
+    """A prediction is the AI's record and is never edited."""
+
+    list_display = ["patch", "label", "needs_attention", "model_version", "created_at"]
+    list_filter = ["model_version", "label", "needs_attention"]
 
 
 @admin.register(WorkerHeartbeat)
@@ -79,16 +83,7 @@ class WorkerHeartbeatAdmin(admin.ModelAdmin):
 
 
 @admin.register(ModelActivation)
-class ModelActivationAdmin(admin.ModelAdmin):
-    """Read-only history of which model was active when, and who switched it."""
+class ModelActivationAdmin(ReadOnlyAdmin):
+    """History of which model was active when, and who switched it."""
 
     list_display = ["created_at", "model_version", "previous", "actor", "reason"]
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False

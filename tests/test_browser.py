@@ -105,6 +105,20 @@ def test_clinician_creates_case_uploads_and_sees_results(browser, live_server, i
     services.prediction_run(patch_ids=ids)
     _wait_text(browser, "#case-status", "Ready for review", timeout=30)
     assert _texts(browser, ".patch strong.label") == ["TUM", "NORM"]
-    images = browser.find_elements(By.CSS_SELECTOR, ".patch img")
+    images = browser.find_elements(By.CSS_SELECTOR, ".patch img:not(.overlay)")
+    assert len(images) == 2
     assert all(browser.execute_script("return arguments[0].naturalWidth", img) == 224 for img in images)
+    assert browser.title == "Case S26-WEB · Cloudiopsy"
+    # Heatmaps: hidden until asked for, then the TUM overlay of every patch shows.
+    overlays = browser.find_elements(By.CSS_SELECTOR, "img.overlay[data-overlay=TUM]")
+    assert len(overlays) == 2 and not any(o.is_displayed() for o in overlays)
+    browser.find_element(By.CSS_SELECTOR, "input[name=overlay][value=TUM]").click()
+    assert all(o.is_displayed() for o in overlays)
+    loaded = "return arguments[0].complete && arguments[0].naturalWidth"
+    deadline = time.monotonic() + 10  # overlays load lazily, once shown
+    while time.monotonic() < deadline and not all(browser.execute_script(loaded, o) == 224 for o in overlays):
+        time.sleep(0.2)
+    assert all(browser.execute_script(loaded, o) == 224 for o in overlays)
+    browser.find_element(By.CSS_SELECTOR, "input[name=overlay][value=none]").click()
+    assert not any(o.is_displayed() for o in overlays)
     browser.save_screenshot(str(tmp_path / "done.png"))
