@@ -181,16 +181,21 @@ class Predictor:
         if self.backend == "keras":
             outputs = self._keras(batch, training=False)
             return np.asarray(outputs["logits"]), np.asarray(outputs["class_map"])
+        n = batch.shape[0]
         with self._lock:
-            if batch.shape[0] != self._batch:
+            if n > self._batch or 2 * n <= self._batch:
                 self._interpreter.resize_tensor_input(self._input, list(batch.shape))
                 self._interpreter.allocate_tensors()
-                self._batch = batch.shape[0]
+                self._batch = n
+            elif n < self._batch:
+                # Re-allocating the interpreter for every batch size costs more than computing a
+                # few padding rows (batches shrink whenever quality control rejects a patch).
+                batch = np.concatenate([batch, np.zeros((self._batch - n, *batch.shape[1:]), dtype=batch.dtype)])
             self._interpreter.set_tensor(self._input, np.ascontiguousarray(batch, dtype=np.float32))
             self._interpreter.invoke()
             return (
-                self._interpreter.get_tensor(self._logits_out).copy(),
-                self._interpreter.get_tensor(self._map_out).copy(),
+                self._interpreter.get_tensor(self._logits_out)[:n].copy(),
+                self._interpreter.get_tensor(self._map_out)[:n].copy(),
             )
 
     def predict(self, batch: np.ndarray) -> list[PatchPrediction]:

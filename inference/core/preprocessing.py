@@ -7,11 +7,12 @@ import io
 import numpy as np
 from PIL import Image
 
-# Stored patches are uncompressed TIFF: lossless like PNG, and decoded in about 0.2 ms instead of
-# about 1.2 ms for a 224 px patch (measured here on the shared samples): the worker decodes every
-# stored patch on its hot path, while storage is cheap (147 KB instead of 72 KB for 224 px).
-STORAGE_FORMAT = "TIFF"
-STORAGE_SUFFIX = ".tif"
+# Stored patches are uncompressed 24-bit BMP: lossless like PNG, and decoded in about 0.08 ms
+# instead of 1.25 ms (PNG) or 0.17 ms (uncompressed TIFF) for a 224 px patch, measured here on the
+# shared samples. The worker decodes every stored patch on its hot path, while storage is cheap
+# (147 KB instead of 72 KB as PNG for 224 px).
+STORAGE_FORMAT = "BMP"
+STORAGE_SUFFIX = ".bmp"
 
 
 def decode_rgb(data: bytes) -> Image.Image:
