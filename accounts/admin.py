@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin
 
 from accounts.models import Institution, LabSystem, User
+from accounts.services import lab_system_revoke
 
 
 @admin.register(Institution)
@@ -20,9 +21,15 @@ class CloudiopsyUserAdmin(UserAdmin):
 
 @admin.register(LabSystem)
 class LabSystemAdmin(admin.ModelAdmin):
-    list_display = ["name", "institution", "token_hint", "created_at", "last_used_at", "revoked_at"]
+    list_display = ["name", "institution", "token_hint", "scopes", "expires_at", "last_used_at", "revoked_at"]
     list_filter = ["institution"]
-    readonly_fields = ["token_hint", "created_at", "last_used_at"]
+    readonly_fields = ["token_hint", "created_at", "last_used_at", "revoked_at"]
+    actions = ["revoke"]
+
+    @admin.action(description="Revoke the selected tokens")
+    def revoke(self, request, queryset):
+        revoked = sum(lab_system_revoke(lab_system=lab) for lab in queryset)
+        self.message_user(request, f"Revoked {revoked} token(s).")
 
     def has_add_permission(self, request) -> bool:
         # A key must be shown exactly once: create tokens with `manage.py create_lab_token`.

@@ -29,6 +29,8 @@ class LabSystemTokenAuthentication(authentication.BaseAuthentication):
         if lab_system is None:
             raise exceptions.AuthenticationFailed("Invalid or revoked token.")
         now = timezone.now()
+        if lab_system.expires_at is not None and lab_system.expires_at <= now:
+            raise exceptions.AuthenticationFailed("The token has expired.")
         if lab_system.last_used_at is None or (now - lab_system.last_used_at).total_seconds() > 60:
             LabSystem.objects.filter(pk=lab_system.pk).update(last_used_at=now)
         return lab_system, key

@@ -47,6 +47,19 @@ def hash_token(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+class Scope(models.TextChoices):
+    """What a lab-system token may do. Every API view names the scope it needs."""
+
+    CASES_READ = "cases:read", "Read cases and patches"
+    CASES_WRITE = "cases:write", "Create cases"
+    PATCHES_WRITE = "patches:write", "Upload patches"
+    RESULTS_READ = "results:read", "Read AI results"
+
+
+def all_scopes() -> list[str]:
+    return list(Scope.values)
+
+
 class LabSystem(models.Model):
     """A lab information system calling the REST API with a token. Only the token's hash is stored."""
 
@@ -56,6 +69,8 @@ class LabSystem(models.Model):
     name = models.CharField(max_length=120, help_text="Which system uses this token, e.g. 'LIS production'.")
     token_hash = models.CharField(max_length=64, unique=True, editable=False)
     token_hint = models.CharField(max_length=16, editable=False, help_text="First characters of the key.")
+    scopes = models.JSONField(default=all_scopes, help_text="What the token may do, e.g. ['cases:write'].")
+    expires_at = models.DateTimeField(null=True, blank=True, help_text="The token stops working then (optional).")
     created_at = models.DateTimeField(auto_now_add=True)
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
@@ -73,3 +88,24 @@ class LabSystem(models.Model):
     @classmethod
     def new_key(cls) -> str:
         return cls.TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in (self.scopes or [])
+
+
+class IdempotencyRecord(models.Model):
+    """The first response to a POST sent with an ``Idempotency-Key``, replayed for retries."""
+
+    owner = models.CharField(max_length=40, help_text="'lab:<id>' or 'user:<id>': keys are per caller.")
+    key = models.CharField(max_length=255)
+    fingerprint = models.CharField(max_length=64, help_text="SHA-256 of method, path and request content.")
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True, help_text="Empty while in progress.")
+    response = models.JSONField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["owner", "key"], name="unique_idempotency_key")]
+        indexes = [models.Index(fields=["created_at"], name="idempotency_created")]
+
+    def __str__(self) -> str:
+        return f"{self.owner} {self.key}"

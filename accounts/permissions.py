@@ -16,3 +16,19 @@ class IsInstitutionMember(BasePermission):
     def has_permission(self, request, view) -> bool:
         user = request.user
         return bool(user is not None and user.is_authenticated and institution_of(user) is not None)
+
+
+class HasScope(BasePermission):
+    """A lab-system token must carry the scope the view names for the request's method
+    (``required_scopes = {"GET": "cases:read", ...}``). Staff users act within their role."""
+
+    def has_permission(self, request, view) -> bool:
+        from accounts.models import LabSystem
+
+        needed = getattr(view, "required_scopes", {}).get(request.method)
+        if needed is None or not isinstance(request.user, LabSystem):
+            return True
+        if request.user.has_scope(needed):
+            return True
+        self.message = f"This token lacks the '{needed}' scope."
+        return False

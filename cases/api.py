@@ -1,25 +1,89 @@
-"""REST API for lab systems (and signed-in staff): cases and patches under /api/v1/."""
+"""REST API for lab systems (and signed-in staff): cases, patches and results under /api/v1/.
+
+Every view names the token scope it needs per method (``required_scopes``); every query is
+scoped to the caller's institution, so another institution's case is a 404.
+"""
 
 from __future__ import annotations
 
+import io
 import secrets
 
-from django.http import Http404
+from django.core.files.storage import default_storage
+from django.http import Http404, HttpResponse
 from django.http.multipartparser import MultiPartParser as DjangoMultiPartParser
+from django.utils.dateparse import parse_datetime
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import (
+    OpenApiExample,
+    OpenApiParameter,
+    OpenApiResponse,
+    extend_schema,
+    extend_schema_field,
+    inline_serializer,
+)
 from rest_framework import generics, serializers, status
 from rest_framework.parsers import DataAndFiles, MultiPartParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts.models import LabSystem, Scope
 from accounts.permissions import institution_of
 from cases.models import BiopsyCase, Patient, TissuePatch
 from cases.selectors import case_with_results, cases_visible_to
 from cases.services import NoValidImage, PatientData, case_create, patch_upload
 from cases.uploads import UploadRejected, check_file_name, read_uploads
+from cloudiopsy.api import idempotent, problem_response
+from inference.core.preprocessing import decode_rgb
+from inference.models import Prediction
+
+
+class TokenScheme(OpenApiAuthenticationExtension):
+    target_class = "accounts.authentication.LabSystemTokenAuthentication"
+    name = "LabSystemToken"
+
+    def get_security_definition(self, auto_schema):
+        return {
+            "type": "apiKey",
+            "in": "header",
+            "name": "Authorization",
+            "description": "`Token <key>`: a lab-system token, created with `manage.py create_lab_token`.",
+        }
+
+
+PROBLEM = inline_serializer(
+    "Problem",
+    {
+        "type": serializers.CharField(),
+        "title": serializers.CharField(),
+        "status": serializers.IntegerField(),
+        "detail": serializers.CharField(),
+        "errors": serializers.DictField(required=False, help_text="{field: [messages]} for invalid input"),
+    },
+)
+ERRORS = {
+    400: OpenApiResponse(PROBLEM, description="Invalid input (problem details, `errors` per field)."),
+    401: OpenApiResponse(PROBLEM, description="Missing, invalid, revoked or expired token."),
+    403: OpenApiResponse(PROBLEM, description="The token lacks the scope this call needs."),
+    404: OpenApiResponse(PROBLEM, description="No such resource in your institution."),
+    429: OpenApiResponse(PROBLEM, description="Rate limit: retry after the `Retry-After` seconds."),
+}
+IDEMPOTENCY = OpenApiParameter(
+    "Idempotency-Key",
+    OpenApiTypes.STR,
+    OpenApiParameter.HEADER,
+    description="Optional. A retry with the same key and request returns the first response, "
+    "without repeating the work; the same key with a different request is a 422.",
+)
+
+
+def _can_read_results(principal) -> bool:
+    return not isinstance(principal, LabSystem) or principal.has_scope(Scope.RESULTS_READ)
 
 
 class PatientSerializer(serializers.ModelSerializer):
-    mrn = serializers.CharField(max_length=64)
+    mrn = serializers.CharField(max_length=64, help_text="Medical record number, unique within the institution.")
     name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
 
     class Meta:
@@ -27,23 +91,18 @@ class PatientSerializer(serializers.ModelSerializer):
         fields = ["mrn", "name", "birth_date", "sex"]
 
 
-class PredictionField(serializers.Field):
-    def to_representation(self, patch: TissuePatch):
-        prediction = next(iter(patch.predictions.all()), None)  # newest first (prefetched)
-        if prediction is None:
-            return None
-        return {
-            "label": prediction.label,
-            "scores": prediction.scores,
-            "uncertainty": prediction.uncertainty,
-            "needs_attention": prediction.needs_attention,
-            "model_version": str(prediction.model_version),
-            "created_at": prediction.created_at.isoformat(),
-        }
+class PredictionSerializer(serializers.ModelSerializer):
+    model_version = serializers.CharField(source="model_version.__str__", help_text="The exact model version.")
+
+    class Meta:
+        model = Prediction
+        fields = ["label", "scores", "uncertainty", "needs_attention", "model_version", "created_at"]
 
 
 class PatchSerializer(serializers.ModelSerializer):
-    prediction = PredictionField(source="*", read_only=True)
+    prediction = serializers.SerializerMethodField(
+        help_text="The latest AI result; null until analysed, or without the results:read scope."
+    )
 
     class Meta:
         model = TissuePatch
@@ -59,6 +118,13 @@ class PatchSerializer(serializers.ModelSerializer):
             "created_at",
             "prediction",
         ]
+
+    @extend_schema_field(PredictionSerializer(allow_null=True))
+    def get_prediction(self, patch: TissuePatch):
+        if not self.context.get("results", True):
+            return None
+        prediction = next(iter(patch.predictions.all()), None)  # newest first (prefetched)
+        return None if prediction is None else PredictionSerializer(prediction).data
 
 
 class CaseSerializer(serializers.ModelSerializer):
@@ -90,13 +156,65 @@ class CaseDetailSerializer(CaseSerializer):
         fields = [*CaseSerializer.Meta.fields, "patches"]
 
 
+CASE_EXAMPLE = OpenApiExample(
+    "New case",
+    request_only=True,
+    value={
+        "patient": {"mrn": "123456", "name": "Ada Example", "birth_date": "1961-03-04", "sex": "female"},
+        "accession": "S26-0001",
+        "specimen_site": "sigmoid colon",
+        "priority": "urgent",
+        "clinical_notes": "Polyp, 12 mm.",
+    },
+)
+
+
 class CaseListCreate(generics.ListCreateAPIView):
+    """List your institution's cases (newest first) or create one."""
+
     serializer_class = CaseSerializer
+    required_scopes = {"GET": Scope.CASES_READ, "POST": Scope.CASES_WRITE}
 
     def get_queryset(self):
-        return cases_visible_to(principal=self.request.user).order_by("-created_at", "-id")
+        cases = cases_visible_to(principal=self.request.user).order_by("-created_at", "-id")
+        params = self.request.query_params
+        if params.get("status"):
+            cases = cases.filter(status=params["status"])
+        if params.get("accession"):
+            cases = cases.filter(accession=params["accession"])
+        if params.get("updated_since"):
+            cases = cases.filter(updated_at__gte=self._updated_since(params["updated_since"]))
+        return cases
 
-    def create(self, request, *args, **kwargs):
+    @staticmethod
+    def _updated_since(value: str):
+        moment = parse_datetime(value)
+        if moment is None or moment.tzinfo is None:
+            raise serializers.ValidationError({"updated_since": ["An ISO 8601 date-time with a time zone."]})
+        return moment
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("status", OpenApiTypes.STR, enum=BiopsyCase.Status.values),
+            OpenApiParameter("accession", OpenApiTypes.STR, description="Exact accession number."),
+            OpenApiParameter("updated_since", OpenApiTypes.DATETIME, description="Cases changed at or after."),
+        ],
+        responses={200: CaseSerializer(many=True), **{k: v for k, v in ERRORS.items() if k != 404}},
+    )
+    def get(self, request, *args, **kwargs):
+        if request.query_params.get("status") and request.query_params["status"] not in BiopsyCase.Status.values:
+            raise serializers.ValidationError({"status": [f"One of {', '.join(BiopsyCase.Status.values)}."]})
+        return super().get(request, *args, **kwargs)
+
+    @extend_schema(
+        parameters=[IDEMPOTENCY],
+        examples=[CASE_EXAMPLE],
+        responses={201: CaseSerializer, **{k: v for k, v in ERRORS.items() if k != 404}},
+    )
+    def post(self, request, *args, **kwargs):
+        return idempotent(request, lambda: self._create(request))
+
+    def _create(self, request) -> Response:
         serializer = self.get_serializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
@@ -113,12 +231,17 @@ class CaseListCreate(generics.ListCreateAPIView):
 
 
 class CaseDetail(APIView):
+    """A case with its patches and (with the results:read scope) their AI results."""
+
+    required_scopes = {"GET": Scope.CASES_READ}
+
+    @extend_schema(responses={200: CaseDetailSerializer, **ERRORS})
     def get(self, request, pk: int):
         try:
             case = case_with_results(principal=request.user, case_id=pk)
         except BiopsyCase.DoesNotExist:
             raise Http404 from None
-        return Response(CaseDetailSerializer(case).data)
+        return Response(CaseDetailSerializer(case, context={"results": _can_read_results(request.user)}).data)
 
 
 class _NameCheckingDjangoParser(DjangoMultiPartParser):
@@ -166,23 +289,53 @@ def _split_refused(request) -> tuple[list[tuple[str, bytes]], list[tuple[str, st
     return files, [refused_names[int(u.name.removeprefix(placeholder))] for u in named_badly] + refused
 
 
-class CasePatchUpload(APIView):
-    parser_classes = [NameCheckingMultiPartParser]
+UPLOAD_RESULT = inline_serializer(
+    "UploadResult",
+    {
+        "case": serializers.IntegerField(),
+        "patches": inline_serializer(
+            "QueuedPatch",
+            {
+                "id": serializers.IntegerField(),
+                "status": serializers.CharField(),
+                "original_name": serializers.CharField(),
+            },
+            many=True,
+        ),
+        "rejected": inline_serializer(
+            "RejectedFile", {"file": serializers.CharField(), "error": serializers.CharField()}, many=True
+        ),
+    },
+)
 
+
+class CasePatchUpload(APIView):
+    """Upload one or more H&E patches (PNG, JPEG or TIFF) to a case; each is analysed asynchronously."""
+
+    parser_classes = [NameCheckingMultiPartParser]
+    required_scopes = {"POST": Scope.PATCHES_WRITE}
+
+    @extend_schema(
+        parameters=[IDEMPOTENCY],
+        request={
+            "multipart/form-data": inline_serializer(
+                "PatchUpload", {"image": serializers.ListField(child=serializers.FileField())}
+            )
+        },
+        responses={202: UPLOAD_RESULT, **ERRORS},
+    )
     def post(self, request, pk: int):
         case = cases_visible_to(principal=request.user).filter(pk=pk).first()
         if case is None:
             raise Http404
+        return idempotent(request, lambda: self._upload(request, case))
+
+    def _upload(self, request, case: BiopsyCase) -> Response:
         files, refused = _split_refused(request)
         try:
-            result = patch_upload(
-                case=case,
-                uploaded_by=request.user,
-                files=files,
-                rejected=refused,
-            )
+            result = patch_upload(case=case, uploaded_by=request.user, files=files, rejected=refused)
         except NoValidImage as exc:
-            return Response({"detail": str(exc), "rejected": _rejected(exc.rejected)}, status=400)
+            return problem_response(400, str(exc), kind="no-valid-image", rejected=_rejected(exc.rejected))
         return Response(
             {
                 "case": case.pk,
@@ -195,3 +348,39 @@ class CasePatchUpload(APIView):
 
 def _rejected(rejected: list[tuple[str, str]]) -> list[dict[str, str]]:
     return [{"file": name, "error": reason} for name, reason in rejected]
+
+
+def _visible_patch(request, pk: int) -> TissuePatch:
+    cases = cases_visible_to(principal=request.user)
+    patch = TissuePatch.objects.filter(pk=pk, case__in=cases).prefetch_related("predictions__model_version").first()
+    if patch is None:
+        raise Http404
+    return patch
+
+
+class PatchDetail(APIView):
+    """One patch: its status and (with the results:read scope) its AI result."""
+
+    required_scopes = {"GET": Scope.CASES_READ}
+
+    @extend_schema(responses={200: PatchSerializer, **ERRORS})
+    def get(self, request, pk: int):
+        patch = _visible_patch(request, pk)
+        return Response(PatchSerializer(patch, context={"results": _can_read_results(request.user)}).data)
+
+
+class PatchImage(APIView):
+    """The stored patch as a lossless PNG, for the owning institution only."""
+
+    required_scopes = {"GET": Scope.CASES_READ}
+
+    @extend_schema(responses={(200, "image/png"): OpenApiTypes.BINARY, **ERRORS})
+    def get(self, request, pk: int):
+        patch = _visible_patch(request, pk)
+        with default_storage.open(patch.storage_name, "rb") as handle:
+            image = decode_rgb(handle.read())
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        response = HttpResponse(buffer.getvalue(), content_type="image/png")
+        response["Cache-Control"] = "private, no-store"
+        return response

@@ -70,6 +70,8 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
     "accounts",
     "cases",
     "inference",
@@ -204,13 +206,46 @@ REST_FRAMEWORK = {
         "accounts.authentication.LabSystemTokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
     ],
-    "DEFAULT_PERMISSION_CLASSES": ["accounts.permissions.IsInstitutionMember"],
+    "DEFAULT_PERMISSION_CLASSES": ["accounts.permissions.IsInstitutionMember", "accounts.permissions.HasScope"],
+    "DEFAULT_THROTTLE_CLASSES": ["cloudiopsy.api.LabSystemRateThrottle"],
+    "DEFAULT_THROTTLE_RATES": {"lab_system": env_str("LAB_RATE_LIMIT", "600/min")},
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "EXCEPTION_HANDLER": "cloudiopsy.api.exception_handler",
     "UNAUTHENTICATED_USER": None,
 }
+
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Cloudiopsy API",
+    "DESCRIPTION": (
+        "REST API for laboratory information systems: create biopsy cases, upload H&E patches, read AI "
+        "results. Authenticate with `Authorization: Token <key>` (a lab-system token with scopes). "
+        "Errors are problem-details JSON. POSTs accept an `Idempotency-Key` header: a retry with the "
+        "same key and request returns the first response without repeating the work."
+    ),
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SCHEMA_PATH_PREFIX": "/api/v1",
+    "SWAGGER_UI_DIST": "SIDECAR",  # served from our static files: no CDN
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "CaseStatusEnum": "cases.models.BiopsyCase.Status",
+        "PatchStatusEnum": "cases.models.TissuePatch.Status",
+    },
+}
+
+# The rate limiter counts in the cache: per process by default; set REDIS_CACHE_URL so that all
+# web processes share one count.
+if env_str("REDIS_CACHE_URL"):
+    CACHES = {
+        "default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": env_str("REDIS_CACHE_URL")}
+    }
+else:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
 
 SESSION_COOKIE_HTTPONLY = True
 SESSION_COOKIE_AGE = env_int("SESSION_COOKIE_AGE", 8 * 3600)

@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from django.views.generic import RedirectView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 from cases import api as cases_api
 from cloudiopsy.health import healthz
@@ -10,6 +11,10 @@ api_v1 = [
     path("cases/", cases_api.CaseListCreate.as_view(), name="case-list"),
     path("cases/<int:pk>/", cases_api.CaseDetail.as_view(), name="case-detail"),
     path("cases/<int:pk>/patches/", cases_api.CasePatchUpload.as_view(), name="case-patches"),
+    path("patches/<int:pk>/", cases_api.PatchDetail.as_view(), name="patch-detail"),
+    path("patches/<int:pk>/image/", cases_api.PatchImage.as_view(), name="patch-image"),
+    path("schema/", SpectacularAPIView.as_view(), name="schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="docs"),
 ]
 
 urlpatterns = [
@@ -21,3 +26,6 @@ urlpatterns = [
     path("healthz", healthz, name="healthz"),
     path("admin/", admin.site.urls),
 ]
+
+handler404 = "cloudiopsy.api.not_found"
+handler500 = "cloudiopsy.api.server_error"

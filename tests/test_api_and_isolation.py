@@ -66,7 +66,9 @@ def test_duplicate_accession_is_400_and_stores_nothing(lab_api):
 def test_invalid_case_payload_names_the_field(lab_api, change, field):
     response = lab_api.post("/api/v1/cases/", {**CASE_PAYLOAD, **change}, format="json")
     assert response.status_code == 400
-    assert field in response.json()
+    body = response.json()
+    assert field in body["errors"] and body["status"] == 400 and field in body["detail"]
+    assert response["Content-Type"] == "application/problem+json"
     assert BiopsyCase.objects.count() == 0 and Patient.objects.count() == 0
 
 

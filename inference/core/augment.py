@@ -52,14 +52,24 @@ def scale_jitter(image: Image.Image, rng: np.random.Generator, low: float = 0.8,
     return Image.fromarray(padded).resize((side, side), Image.Resampling.BILINEAR)
 
 
-def augment(image: Image.Image, rng: np.random.Generator) -> Image.Image:
-    """One random training view of an RGB patch (same size out as in)."""
-    image = scale_jitter(image, rng)
+def augment(
+    image: Image.Image,
+    rng: np.random.Generator,
+    scale: tuple[float, float] = (0.8, 1.33),
+    stain_sigma: float = 0.08,
+) -> Image.Image:
+    """One random training view of an RGB patch (same size out as in).
+
+    Args:
+        scale: zoom range (below 1 zooms out with reflected borders, above 1 crops in).
+        stain_sigma: strength of the HED stain jitter.
+    """
+    image = scale_jitter(image, rng, *scale)
     pixels = np.asarray(image)
     pixels = np.rot90(pixels, int(rng.integers(0, 4)))
     if rng.random() < 0.5:
         pixels = pixels[:, ::-1]
-    pixels = hed_jitter(np.ascontiguousarray(pixels), rng)
+    pixels = hed_jitter(np.ascontiguousarray(pixels), rng, stain_sigma)
     # Brightness/contrast: scanners and section thickness differ.
     gain = rng.uniform(0.9, 1.1)
     bias = rng.uniform(-12, 12)

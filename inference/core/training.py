@@ -60,6 +60,8 @@ class TrainingConfig:
     test_fraction: float = 0.15
     dropout: float = 0.2
     augment: bool = True
+    scale_jitter: tuple[float, float] = (0.8, 1.33)
+    stain_sigma: float = 0.08
     seed: int = 1
     attention_threshold: float = 0.7  # calibrated top probability below this: "needs attention"
     name: str = "tissue-mobilenetv2"
@@ -156,7 +158,7 @@ def _batches(items: list[LabelledImage], index: dict[str, int], config: Training
             rng = np.random.default_rng([config.seed, self.epoch, batch])
             pictures = [_load(i) for i in chosen]
             if train and config.augment:
-                pictures = [augment(p, rng) for p in pictures]
+                pictures = [augment(p, rng, config.scale_jitter, config.stain_sigma) for p in pictures]
             x = preprocess(pictures, config.input_size)
             y = np.array([index[i.label] for i in chosen], dtype=np.int32)
             w = np.array([self.class_weight[i.label] for i in chosen], dtype=np.float32)
@@ -328,8 +330,8 @@ def train_classifier(
             "weights": config.weights if config.weights == "imagenet" else Path(config.weights).name,
             "weights_sha256": None if config.weights == "imagenet" else file_sha256(config.weights),
             "config": {k: v for k, v in asdict(config).items() if k not in {"classes", "weights", "extra"}},
-            "augmentation": "scale jitter 0.8-1.33, 90-degree rotations and flips, HED stain jitter (sigma 0.08), "
-            "brightness/contrast, Gaussian blur (p 0.25)",
+            "augmentation": f"scale jitter {config.scale_jitter[0]}-{config.scale_jitter[1]}, 90-degree rotations "
+            f"and flips, HED stain jitter (sigma {config.stain_sigma}), brightness/contrast, Gaussian blur (p 0.25)",
             "history": facts["history"],
             "seconds": round(time.monotonic() - started, 1),
             "keras": keras.__version__,
