@@ -30,6 +30,7 @@ from rest_framework.views import APIView
 
 from accounts.models import LabSystem, Scope
 from accounts.permissions import institution_of
+from cases.fhir import case_bundle
 from cases.models import BiopsyCase, Patient, TissuePatch
 from cases.selectors import case_with_results, cases_visible_to
 from cases.services import NoValidImage, PatientData, case_create, patch_upload
@@ -384,3 +385,17 @@ class PatchImage(APIView):
         response = HttpResponse(buffer.getvalue(), content_type="image/png")
         response["Cache-Control"] = "private, no-store"
         return response
+
+
+class CaseFhir(APIView):
+    """The case as an HL7 FHIR R4 Bundle: Patient, Specimen, one Observation per analysed patch, DiagnosticReport."""
+
+    required_scopes = {"GET": Scope.RESULTS_READ}
+
+    @extend_schema(responses={(200, "application/fhir+json"): OpenApiTypes.OBJECT, **ERRORS})
+    def get(self, request, pk: int):
+        try:
+            case = case_with_results(principal=request.user, case_id=pk)
+        except BiopsyCase.DoesNotExist:
+            raise Http404 from None
+        return Response(case_bundle(case), content_type="application/fhir+json")

@@ -11,6 +11,7 @@ api_v1 = [
     path("cases/", cases_api.CaseListCreate.as_view(), name="case-list"),
     path("cases/<int:pk>/", cases_api.CaseDetail.as_view(), name="case-detail"),
     path("cases/<int:pk>/patches/", cases_api.CasePatchUpload.as_view(), name="case-patches"),
+    path("cases/<int:pk>/fhir/", cases_api.CaseFhir.as_view(), name="case-fhir"),
     path("patches/<int:pk>/", cases_api.PatchDetail.as_view(), name="patch-detail"),
     path("patches/<int:pk>/image/", cases_api.PatchImage.as_view(), name="patch-image"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),

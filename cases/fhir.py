@@ -1,0 +1,163 @@
+"""HL7 FHIR R4 representation of a case: a Bundle with the Patient, the Specimen, one Observation
+per analysed patch and a DiagnosticReport.
+
+Codes: LOINC 11526-1 "Pathology study" for the report; SNOMED CT for tissue classes where one
+exists (35917007 adenocarcinoma for TUM); our own code system for the rest and for the AI
+observation itself. Until a pathologist signs the case out (the review issue), the report and
+its observations are ``preliminary``: only the AI has spoken.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from cases.models import BiopsyCase, Patient, TissuePatch
+
+SYSTEM = "https://cloudiopsy.invalid/fhir"
+TISSUE_CLASSES = f"{SYSTEM}/CodeSystem/tissue-class"
+CLASS_NAMES = {
+    "ADI": "Adipose tissue",
+    "BACK": "Background",
+    "DEB": "Debris",
+    "LYM": "Lymphocytes",
+    "MUC": "Mucus",
+    "MUS": "Smooth muscle",
+    "NORM": "Normal colon mucosa",
+    "STR": "Cancer-associated stroma",
+    "TUM": "Colorectal adenocarcinoma epithelium",
+}
+SNOMED = {"TUM": ("35917007", "Adenocarcinoma, no subtype")}
+GENDER = {Patient.Sex.FEMALE: "female", Patient.Sex.MALE: "male", Patient.Sex.OTHER: "other"}
+
+
+def _urn(kind: str, pk: int, institution_id: int) -> str:
+    return "urn:uuid:" + str(uuid.uuid5(uuid.NAMESPACE_URL, f"{SYSTEM}/{institution_id}/{kind}/{pk}"))
+
+
+def _tissue_concept(label: str) -> dict:
+    codings = [{"system": TISSUE_CLASSES, "code": label, "display": CLASS_NAMES.get(label, label)}]
+    if label in SNOMED:
+        code, display = SNOMED[label]
+        codings.append({"system": "http://snomed.info/sct", "code": code, "display": display})
+    return {"coding": codings, "text": CLASS_NAMES.get(label, label)}
+
+
+def _observation(patch: TissuePatch, prediction, refs: dict) -> dict:
+    components = [
+        {
+            "code": {"coding": [{"system": TISSUE_CLASSES, "code": name}], "text": f"Probability of {name}"},
+            "valueQuantity": {
+                "value": round(float(p), 6),
+                "unit": "probability",
+                "system": "http://unitsofmeasure.org",
+                "code": "1",
+            },
+        }
+        for name, p in prediction.scores.items()
+    ]
+    if prediction.uncertainty is not None:
+        components.append(
+            {
+                "code": {"coding": [{"system": f"{SYSTEM}/CodeSystem/observation", "code": "uncertainty"}]},
+                "valueQuantity": {
+                    "value": round(float(prediction.uncertainty), 6),
+                    "unit": "1",
+                    "system": "http://unitsofmeasure.org",
+                    "code": "1",
+                },
+            }
+        )
+    observation = {
+        "resourceType": "Observation",
+        "id": f"patch-{patch.pk}",
+        "status": "preliminary",
+        "category": [
+            {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}
+        ],
+        "code": {
+            "coding": [{"system": f"{SYSTEM}/CodeSystem/observation", "code": "ai-tissue-class"}],
+            "text": "AI tissue classification of an H&E patch",
+        },
+        "subject": {"reference": refs["patient"]},
+        "specimen": {"reference": refs["specimen"]},
+        "issued": prediction.created_at.isoformat(),
+        "valueCodeableConcept": _tissue_concept(prediction.label),
+        "method": {
+            "text": f"{prediction.model_version} (needs attention: {'yes' if prediction.needs_attention else 'no'})"
+        },
+        "note": [{"text": f"Patch {patch.original_name} ({patch.width}x{patch.height} px, sha256 {patch.sha256})"}],
+        "component": components,
+    }
+    return observation
+
+
+def case_bundle(case: BiopsyCase) -> dict:
+    """The case as a FHIR R4 ``collection`` Bundle (a plain dict, ready for JSON)."""
+    patient, inst = case.patient, case.institution_id
+    refs = {"patient": _urn("patient", patient.pk, inst), "specimen": _urn("specimen", case.pk, inst)}
+    patient_resource = {
+        "resourceType": "Patient",
+        "id": f"patient-{patient.pk}",
+        "identifier": [{"system": f"{SYSTEM}/institution/{case.institution.slug}/mrn", "value": patient.mrn}],
+        "name": [{"text": patient.name}] if patient.name else [],
+        "gender": GENDER.get(patient.sex, "unknown"),
+        **({"birthDate": patient.birth_date.isoformat()} if patient.birth_date else {}),
+    }
+    specimen = {
+        "resourceType": "Specimen",
+        "id": f"specimen-{case.pk}",
+        "accessionIdentifier": {
+            "system": f"{SYSTEM}/institution/{case.institution.slug}/accession",
+            "value": case.accession,
+        },
+        "status": "available",
+        "type": {"coding": [{"system": "http://snomed.info/sct", "code": "122638001", "display": "Biopsy specimen"}]},
+        "subject": {"reference": refs["patient"]},
+        "receivedTime": case.created_at.isoformat(),
+        "collection": {"bodySite": {"text": case.specimen_site}},
+    }
+    entries = [(refs["patient"], patient_resource), (refs["specimen"], specimen)]
+    results, labels = [], []
+    for patch in case.patches.all():
+        prediction = next(iter(patch.predictions.all()), None)
+        if prediction is None:
+            continue
+        ref = _urn("observation", prediction.pk, inst)
+        entries.append((ref, _observation(patch, prediction, refs)))
+        results.append({"reference": ref})
+        labels.append(prediction.label)
+    pending = sum(p.status in TissuePatch.PENDING for p in case.patches.all())
+    tumour = labels.count("TUM")
+    conclusion = (
+        f"AI analysis (not yet reviewed by a pathologist): {tumour} of {len(labels)} analysed patches classified "
+        f"as adenocarcinoma epithelium (TUM)" + (f"; {pending} patches still being analysed." if pending else ".")
+    )
+    report = {
+        "resourceType": "DiagnosticReport",
+        "id": f"report-{case.pk}",
+        "status": "preliminary" if not pending else "partial",
+        "category": [
+            {
+                "coding": [
+                    {
+                        "system": "http://terminology.hl7.org/CodeSystem/v2-0074",
+                        "code": "SP",
+                        "display": "Surgical Pathology",
+                    }
+                ]
+            }
+        ],
+        "code": {"coding": [{"system": "http://loinc.org", "code": "11526-1", "display": "Pathology study"}]},
+        "subject": {"reference": refs["patient"]},
+        "specimen": [{"reference": refs["specimen"]}],
+        "issued": case.updated_at.isoformat(),
+        "result": results,
+        "conclusion": conclusion,
+    }
+    entries.append((_urn("report", case.pk, inst), report))
+    return {
+        "resourceType": "Bundle",
+        "type": "collection",
+        "timestamp": case.updated_at.isoformat(),
+        "entry": [{"fullUrl": url, "resource": resource} for url, resource in entries],
+    }
