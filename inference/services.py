@@ -214,10 +214,21 @@ def _store(outcomes: list[tuple[TissuePatch, PatchOutcome]], version: ModelVersi
 
 
 def case_status_refresh(*, case_ids: list[int]) -> None:
-    """Move analysing cases whose patches all have a result to 'ready for review'."""
-    BiopsyCase.objects.filter(pk__in=case_ids, status=BiopsyCase.Status.ANALYSING).exclude(
-        patches__status__in=TissuePatch.PENDING
-    ).update(status=BiopsyCase.Status.READY_FOR_REVIEW, updated_at=timezone.now())
+    """Move analysing cases whose patches all have a result to 'ready for review', and queue
+    the webhook event for each (in the same transaction, sent after commit)."""
+    from webhooks.models import WebhookEndpoint
+    from webhooks.services import events_for_cases
+
+    ready = list(
+        BiopsyCase.objects.filter(pk__in=case_ids, status=BiopsyCase.Status.ANALYSING)
+        .exclude(patches__status__in=TissuePatch.PENDING)
+        .values_list("pk", flat=True)
+    )
+    moved = BiopsyCase.objects.filter(pk__in=ready, status=BiopsyCase.Status.ANALYSING).update(
+        status=BiopsyCase.Status.READY_FOR_REVIEW, updated_at=timezone.now()
+    )
+    if moved:
+        events_for_cases(case_ids=ready, event=WebhookEndpoint.Event.CASE_READY)
 
 
 def analysis_reconcile(*, stale_after: timedelta | None = None) -> dict[str, int]:

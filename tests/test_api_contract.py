@@ -136,6 +136,7 @@ def test_schema_documents_every_endpoint_and_the_token_scheme(client):
         "/api/v1/cases/",
         "/api/v1/cases/{id}/",
         "/api/v1/cases/{id}/patches/",
+        "/api/v1/cases/{id}/fhir/",
         "/api/v1/patches/{id}/",
         "/api/v1/patches/{id}/image/",
     }
