@@ -94,6 +94,18 @@ def test_run_platform_serves_login_and_analyses_a_patch_without_services(tmp_pat
 
             case = wait_for(analysed, 120, "the patch to be analysed", interval=0.5)
             assert case["patches"][0]["prediction"]["label"] == "TUM"
+            # The example client for lab integrators, against the same running server.
+            client = subprocess.run(
+                [sys.executable, "examples/lis_client.py", "--url", base, "--token", key, "--accession", "R-2",
+                 "--mrn", "R-2", "--name", "Client Test", "--timeout", "120",
+                 str(fixture_patch("NORM-TCGA-INTLNRAV.png")), str(fixture_patch("TUM-AACHEHDV.tif"))],
+                cwd=ROOT, capture_output=True, text=True, timeout=180,
+            )  # fmt: skip
+            assert client.returncode == 0, client.stderr
+            assert "2 patches queued, 0 rejected" in client.stdout
+            assert "NORM-TCGA-INTLNRAV.png: done NORM" in client.stdout
+            assert "TUM-AACHEHDV.tif: done TUM" in client.stdout
+            assert '"status": "preliminary"' in client.stdout
             status, health = _request(f"{base}/healthz")
             health = json.loads(health)
             assert status == 200, health
