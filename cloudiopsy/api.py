@@ -76,6 +76,24 @@ def not_found(request, exception=None):
     return page_not_found(request, exception)
 
 
+def bad_request(request, exception=None):
+    """400 raised outside DRF (e.g. a request body over the size limit): JSON under /api/."""
+    if request.path.startswith("/api/"):
+        return _json_problem(request, 400, "The request could not be read (too large or malformed).")
+    from django.views.defaults import bad_request as html_bad_request
+
+    return html_bad_request(request, exception)
+
+
+def permission_denied(request, exception=None):
+    """403 raised outside DRF (e.g. a failed CSRF check): JSON under /api/."""
+    if request.path.startswith("/api/"):
+        return _json_problem(request, 403, "Permission denied.")
+    from django.views.defaults import permission_denied as html_permission_denied
+
+    return html_permission_denied(request, exception)
+
+
 def server_error(request):
     """500: problem-details JSON under /api/, never an HTML page or a stack trace."""
     if request.path.startswith("/api/"):

@@ -28,5 +28,7 @@ urlpatterns = [
     path("admin/", admin.site.urls),
 ]
 
+handler400 = "cloudiopsy.api.bad_request"
+handler403 = "cloudiopsy.api.permission_denied"
 handler404 = "cloudiopsy.api.not_found"
 handler500 = "cloudiopsy.api.server_error"

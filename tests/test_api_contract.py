@@ -50,6 +50,7 @@ ENDPOINTS = [
     ("POST", "/api/v1/cases/{case}/patches/", "image", Scope.PATCHES_WRITE, 202, "object"),
     ("GET", "/api/v1/patches/{patch}/", None, Scope.CASES_READ, 200, "object"),
     ("GET", "/api/v1/patches/{patch}/image/", None, Scope.CASES_READ, 200, "object"),
+    ("GET", "/api/v1/cases/{case}/fhir/", None, Scope.RESULTS_READ, 200, "object"),
 ]
 KINDS = ["valid", "lacking scope", "other institution", "revoked", "expired", "none"]
 
@@ -235,3 +236,9 @@ def test_rate_limit_answers_429_with_retry_after(institution, settings):
     assert codes == [200, 200, 200, 429]
     assert limited.status_code == 429 and int(limited["Retry-After"]) > 0
     assert limited.json()["status"] == 429
+
+
+def test_oversized_request_body_is_a_json_400(lab_api, settings):
+    settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
+    response = lab_api.post("/api/v1/cases/", {**CASE_PAYLOAD, "clinical_notes": "x" * 5000}, format="json")
+    assert response.status_code == 400 and response.json()["status"] == 400
