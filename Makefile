@@ -29,6 +29,7 @@ lint: venv
 check: venv
 	DEBUG=true $(PY) manage.py check
 	DEBUG=true $(PY) manage.py makemigrations --check --dry-run
+	DEBUG=true $(PY) manage.py spectacular --validate --fail-on-warn --file /dev/null
 
 test: lint check browser-deps
 	DEBUG=true $(PY) -m pytest $(PYTEST_ARGS)
