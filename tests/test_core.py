@@ -17,12 +17,19 @@ from inference.core.datasets import manifest_sha256
 from tests.conftest import DEMO_MODEL, FIXTURE_PATCHES, ROOT, fixture_patch, png_bytes, shared_data
 
 
-def test_core_imports_without_django_or_tensorflow():
+@pytest.mark.parametrize(
+    ("module", "forbidden"),
+    [
+        ("inference.core", ("django", "tensorflow", "keras")),
+        ("inference.core.evaluation", ("django", "tensorflow", "matplotlib")),
+        ("inference.core.quality", ("django", "tensorflow", "keras")),
+    ],
+)
+def test_core_imports_without_django_or_heavy_libraries(module, forbidden):
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
     code = (
-        "import sys, inference.core as c; "
-        "assert c.scan_folder and c.predict; "
-        "bad = [m for m in sys.modules if m.split('.')[0] in ('django', 'tensorflow', 'keras')]; "
+        f"import sys, {module}; "
+        f"bad = [m for m in sys.modules if m.split('.')[0] in {forbidden!r}]; "
         "assert not bad, bad; print('ok')"
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True)
