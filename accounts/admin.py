@@ -28,7 +28,7 @@ class LabSystemAdmin(admin.ModelAdmin):
 
     @admin.action(description="Revoke the selected tokens")
     def revoke(self, request, queryset):
-        revoked = sum(lab_system_revoke(lab_system=lab) for lab in queryset)
+        revoked = sum(lab_system_revoke(lab_system=lab, actor=request.user) for lab in queryset)
         self.message_user(request, f"Revoked {revoked} token(s).")
 
     def has_add_permission(self, request) -> bool:

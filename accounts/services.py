@@ -6,6 +6,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from accounts.models import Institution, LabSystem, Scope, hash_token
+from audit.services import audit_record
 
 
 @transaction.atomic
@@ -15,6 +16,7 @@ def lab_system_create(
     name: str,
     scopes: list[str] | None = None,
     expires_at: datetime.datetime | None = None,
+    actor=None,
 ) -> tuple[LabSystem, str]:
     """Create a lab-system API client. Returns it and its key, which is never stored or shown again."""
     scopes = list(Scope.values) if scopes is None else scopes
@@ -30,9 +32,21 @@ def lab_system_create(
         scopes=sorted(set(scopes)),
         expires_at=expires_at,
     )
+    audit_record(
+        actor=actor,
+        action="lab_system.create",
+        target=lab_system,
+        after={"name": name, "scopes": lab_system.scopes, "expires_at": expires_at, "hint": lab_system.token_hint},
+    )
     return lab_system, key
 
 
-def lab_system_revoke(*, lab_system: LabSystem) -> bool:
+@transaction.atomic
+def lab_system_revoke(*, lab_system: LabSystem, actor=None) -> bool:
     """Revoke a token for good. False when it was already revoked."""
-    return bool(LabSystem.objects.filter(pk=lab_system.pk, revoked_at__isnull=True).update(revoked_at=timezone.now()))
+    revoked = bool(
+        LabSystem.objects.filter(pk=lab_system.pk, revoked_at__isnull=True).update(revoked_at=timezone.now())
+    )
+    if revoked:
+        audit_record(actor=actor, action="lab_system.revoke", target=lab_system, after={"revoked": True})
+    return revoked

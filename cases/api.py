@@ -30,6 +30,7 @@ from rest_framework.views import APIView
 
 from accounts.models import LabSystem, Scope
 from accounts.permissions import institution_of
+from audit.services import patient_read
 from cases.fhir import case_bundle
 from cases.models import BiopsyCase, Patient, TissuePatch
 from cases.selectors import case_with_results, cases_visible_to
@@ -207,6 +208,16 @@ class CaseListCreate(generics.ListCreateAPIView):
             raise serializers.ValidationError({"status": [f"One of {', '.join(BiopsyCase.Status.values)}."]})
         return super().get(request, *args, **kwargs)
 
+    def paginate_queryset(self, queryset):
+        page = super().paginate_queryset(queryset)
+        patient_read(
+            principal=self.request.user,
+            patients=[c.patient for c in page or []],
+            via="api case list",
+            request=self.request,
+        )
+        return page
+
     @extend_schema(
         parameters=[IDEMPOTENCY],
         examples=[CASE_EXAMPLE],
@@ -242,6 +253,7 @@ class CaseDetail(APIView):
             case = case_with_results(principal=request.user, case_id=pk)
         except BiopsyCase.DoesNotExist:
             raise Http404 from None
+        patient_read(principal=request.user, patients=[case.patient], via="api case", request=request, case=case)
         return Response(CaseDetailSerializer(case, context={"results": _can_read_results(request.user)}).data)
 
 
@@ -398,4 +410,5 @@ class CaseFhir(APIView):
             case = case_with_results(principal=request.user, case_id=pk)
         except BiopsyCase.DoesNotExist:
             raise Http404 from None
+        patient_read(principal=request.user, patients=[case.patient], via="api fhir", request=request, case=case)
         return Response(case_bundle(case), content_type="application/fhir+json")

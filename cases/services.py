@@ -12,6 +12,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from accounts.models import Institution, LabSystem, User
+from audit.services import audit_record
 from cases.models import BiopsyCase, Patient, TissuePatch
 from cases.uploads import UploadRejected, ValidatedImage, validate_image
 
@@ -43,16 +44,18 @@ def _actor_fields(actor: User | LabSystem, user_field: str, lab_field: str) -> d
     return {lab_field: actor} if isinstance(actor, LabSystem) else {user_field: actor}
 
 
-def patient_get_or_create(*, institution: Institution, data: PatientData) -> Patient:
+def patient_get_or_create(*, institution: Institution, data: PatientData, actor=None) -> Patient:
     """The institution's patient with this MRN; created when new. An existing patient's
     identity must match what was sent, so a typo in an MRN cannot attach a case to someone else."""
     patient = Patient.objects.filter(institution=institution, mrn=data.mrn).first()
     if patient is None:
         if not data.name:
             raise CaseError("a new patient needs a name")
-        return Patient.objects.create(
+        patient = Patient.objects.create(
             institution=institution, mrn=data.mrn, name=data.name, birth_date=data.birth_date, sex=data.sex
         )
+        audit_record(actor=actor, action="patient.create", target=patient, after={"mrn": patient.mrn})
+        return patient
     mismatched = [
         field
         for field, sent in (("name", data.name), ("birth_date", data.birth_date))
@@ -78,10 +81,10 @@ def case_create(
     accession = accession.strip()
     if BiopsyCase.objects.filter(institution=institution, accession=accession).exists():
         raise CaseError(f"accession {accession} already exists")
-    patient_row = patient_get_or_create(institution=institution, data=patient)
+    patient_row = patient_get_or_create(institution=institution, data=patient, actor=created_by)
     try:
         with transaction.atomic():
-            return BiopsyCase.objects.create(
+            case = BiopsyCase.objects.create(
                 institution=institution,
                 patient=patient_row,
                 accession=accession,
@@ -93,6 +96,19 @@ def case_create(
     except IntegrityError:
         # Another request created the same accession between our check and our insert.
         raise CaseError(f"accession {accession} already exists") from None
+    audit_record(
+        actor=created_by,
+        action="case.create",
+        target=case,
+        after={
+            "accession": case.accession,
+            "patient": patient_row.pk,
+            "specimen_site": case.specimen_site,
+            "priority": case.priority,
+            "status": case.status,
+        },
+    )
+    return case
 
 
 @dataclass(frozen=True)
@@ -144,23 +160,42 @@ def patch_upload(
                 storage_name = TissuePatch.new_storage_name(case.institution_id)
                 saved_name = default_storage.save(storage_name, ContentFile(image.stored_bytes))
                 written.append(saved_name)
-                patches.append(
-                    TissuePatch.objects.create(
-                        case=case,
-                        storage_name=saved_name,
-                        sha256=image.sha256,
-                        source_sha256=image.source_sha256,
-                        width=image.width,
-                        height=image.height,
-                        format=image.format,
-                        original_name=image.original_name,
-                        enqueued_at=now,
-                        **_actor_fields(uploaded_by, "uploaded_by", "uploaded_by_lab"),
-                    )
+                patch = TissuePatch.objects.create(
+                    case=case,
+                    storage_name=saved_name,
+                    sha256=image.sha256,
+                    source_sha256=image.source_sha256,
+                    width=image.width,
+                    height=image.height,
+                    format=image.format,
+                    original_name=image.original_name,
+                    enqueued_at=now,
+                    **_actor_fields(uploaded_by, "uploaded_by", "uploaded_by_lab"),
+                )
+                patches.append(patch)
+                audit_record(
+                    actor=uploaded_by,
+                    action="patch.create",
+                    target=patch,
+                    institution_id=case.institution_id,
+                    after={
+                        "case": case.pk,
+                        "name": patch.original_name,
+                        "sha256": patch.sha256,
+                        "status": patch.status,
+                    },
                 )
             if case.status != BiopsyCase.Status.ANALYSING:
+                before = case.status
                 case.status = BiopsyCase.Status.ANALYSING
                 case.save(update_fields=["status", "updated_at"])
+                audit_record(
+                    actor=uploaded_by,
+                    action="case.status",
+                    target=case,
+                    before={"status": before},
+                    after={"status": case.status},
+                )
             ids = [p.pk for p in patches]
             transaction.on_commit(lambda: analysis_enqueue(ids))
     except BaseException:

@@ -13,6 +13,7 @@ from django.views.decorators.http import require_POST
 from PIL import Image
 
 from accounts.permissions import institution_of
+from audit.services import patient_read
 from cases.forms import CaseForm
 from cases.models import BiopsyCase, TissuePatch
 from cases.selectors import case_with_results, cases_visible_to, patients_visible_to
@@ -38,10 +39,10 @@ def case_list(request):
     status = request.GET.get("status", "")
     if status in BiopsyCase.Status.values:
         cases = cases.filter(status=status)
+    shown = list(cases[:200])
+    patient_read(principal=request.user, patients=[c.patient for c in shown], via="web case list", request=request)
     return render(
-        request,
-        "cases/case_list.html",
-        {"cases": cases[:200], "status": status, "statuses": BiopsyCase.Status.choices},
+        request, "cases/case_list.html", {"cases": shown, "status": status, "statuses": BiopsyCase.Status.choices}
     )
 
 
@@ -82,7 +83,9 @@ def case_create_view(request):
 
 @login_required
 def case_detail(request, pk: int):
-    return _render_case(request, _visible_case(request, pk))
+    case = _visible_case(request, pk)
+    patient_read(principal=request.user, patients=[case.patient], via="web case page", request=request, case=case)
+    return _render_case(request, case)
 
 
 def _render_case(request, case: BiopsyCase, upload_errors: list[str] | None = None):

@@ -20,6 +20,8 @@ from django.db import IntegrityError, transaction
 from django.db.models import F
 from django.utils import timezone
 
+from audit.models import AuditEvent
+from audit.services import WORKER, Actor, audit_record
 from cases.models import BiopsyCase, TissuePatch
 from inference import core
 from inference.core import pipeline
@@ -112,6 +114,13 @@ def model_register(*, directory: str | Path) -> tuple[ModelVersion, bool]:
                 "metadata": metadata,
             },
         )
+        if created:
+            audit_record(
+                actor=None,
+                action="model.register",
+                target=version,
+                after={"name": version.name, "version": version.version, "path": stored_path, "sha256": sha},
+            )
     if not created and version.file_sha256 != sha:
         raise ModelRejected(f"{version} is already registered with a different model file; bump the version")
     return version, created
@@ -136,6 +145,14 @@ def model_activate(*, version: ModelVersion, actor: str, user=None, reason: str 
         activation = ModelActivation.objects.create(
             model_version=version, previous=current, activated_by=user, actor=actor, reason=reason
         )
+        audit_record(
+            actor=user or Actor(AuditEvent.ActorType.SYSTEM, label=actor),
+            action="model.activate",
+            target=version,
+            before={"active": str(current) if current else None},
+            after={"active": str(version)},
+            reason=reason,
+        )
     logger.warning("model %s activated by %s (was %s)", version, actor, current)
     return activation
 
@@ -157,7 +174,10 @@ def prediction_run(*, patch_ids: list[int]) -> dict[str, int]:
     if claimed == 0:
         # 0 rows updated: already analysed, or another worker claimed them first.
         return {"claimed": 0}
-    patches = list(TissuePatch.objects.filter(claim_token=token).order_by("id"))
+    patches = list(TissuePatch.objects.filter(claim_token=token).select_related("case").order_by("id"))
+    with transaction.atomic():
+        for patch in patches:
+            _audit_status(patch, TissuePatch.Status.QUEUED, TissuePatch.Status.RUNNING, attempt=patch.attempts)
     counts: dict[str, int] = {"claimed": len(patches)}
     size = max(1, settings.INFERENCE_BATCH_SIZE)
     for start in range(0, len(patches), size):
@@ -166,6 +186,18 @@ def prediction_run(*, patch_ids: list[int]) -> dict[str, int]:
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
         _store(outcomes, version, token)
     return counts
+
+
+def _audit_status(patch: TissuePatch, before: str, after: str, reason: str = "", **extra) -> None:
+    audit_record(
+        actor=WORKER,
+        action="patch.status",
+        target=patch,
+        institution_id=patch.case.institution_id,
+        before={"status": before},
+        after={"status": after, **extra},
+        reason=reason,
+    )
 
 
 def _analyse(patches: list[TissuePatch], predictor: Predictor) -> list[tuple[TissuePatch, PatchOutcome]]:
@@ -188,13 +220,14 @@ def _store(outcomes: list[tuple[TissuePatch, PatchOutcome]], version: ModelVersi
         list(BiopsyCase.objects.select_for_update().filter(pk__in=case_ids).order_by("pk"))
         for patch, outcome in outcomes:
             if outcome.prediction is None:
-                TissuePatch.objects.filter(pk=patch.pk, claim_token=token).update(
+                if TissuePatch.objects.filter(pk=patch.pk, claim_token=token).update(
                     status=outcome.status, failure_reason=outcome.reason
-                )
+                ):
+                    _audit_status(patch, TissuePatch.Status.RUNNING, outcome.status, outcome.reason)
                 continue
             try:
                 with transaction.atomic():
-                    Prediction.objects.create(
+                    prediction = Prediction.objects.create(
                         patch=patch,
                         model_version=version,
                         scores=outcome.prediction.scores,
@@ -204,12 +237,29 @@ def _store(outcomes: list[tuple[TissuePatch, PatchOutcome]], version: ModelVersi
                         heatmaps=outcome.prediction.heatmaps,
                         inference_seconds=outcome.prediction.seconds,
                     )
+                    audit_record(
+                        actor=WORKER,
+                        action="prediction.create",
+                        target=prediction,
+                        institution_id=patch.case.institution_id,
+                        after={
+                            "patch": patch.pk,
+                            "model_version": str(version),
+                            "label": prediction.label,
+                            "scores": prediction.scores,
+                            "needs_attention": prediction.needs_attention,
+                        },
+                    )
             except IntegrityError:
                 # A worker presumed dead finished this patch meanwhile: its prediction stands.
                 logger.info("patch %s already has a prediction by %s", patch.pk, version)
-            TissuePatch.objects.filter(pk=patch.pk).exclude(status=TissuePatch.Status.DONE).update(
-                status=TissuePatch.Status.DONE, failure_reason=""
-            )
+            previous = TissuePatch.objects.filter(pk=patch.pk).values_list("status", flat=True).first()
+            if (
+                TissuePatch.objects.filter(pk=patch.pk)
+                .exclude(status=TissuePatch.Status.DONE)
+                .update(status=TissuePatch.Status.DONE, failure_reason="")
+            ):
+                _audit_status(patch, previous, TissuePatch.Status.DONE)
         case_status_refresh(case_ids=case_ids)
 
 
@@ -228,6 +278,14 @@ def case_status_refresh(*, case_ids: list[int]) -> None:
         status=BiopsyCase.Status.READY_FOR_REVIEW, updated_at=timezone.now()
     )
     if moved:
+        for case in BiopsyCase.objects.filter(pk__in=ready):
+            audit_record(
+                actor=WORKER,
+                action="case.status",
+                target=case,
+                before={"status": BiopsyCase.Status.ANALYSING},
+                after={"status": case.status},
+            )
         events_for_cases(case_ids=ready, event=WebhookEndpoint.Event.CASE_READY)
 
 
@@ -246,13 +304,19 @@ def analysis_reconcile(*, stale_after: timedelta | None = None) -> dict[str, int
     cutoff = now - stale_after
     with transaction.atomic():
         running = TissuePatch.objects.filter(status=TissuePatch.Status.RUNNING, claimed_at__lt=cutoff)
-        exhausted = list(running.filter(attempts__gte=MAX_ATTEMPTS).values_list("case_id", flat=True))
+        exhausted_patches = list(running.filter(attempts__gte=MAX_ATTEMPTS).select_related("case"))
+        exhausted = [p.case_id for p in exhausted_patches]
         failed = running.filter(attempts__gte=MAX_ATTEMPTS).update(
             status=TissuePatch.Status.FAILED,
             failure_reason=f"analysis did not complete after {MAX_ATTEMPTS} attempts",
             claim_token=None,
         )
-        requeued_running = list(running.values_list("id", flat=True))
+        for patch in exhausted_patches:
+            _audit_status(patch, TissuePatch.Status.RUNNING, TissuePatch.Status.FAILED, "analysis never completed")
+        stale = list(running.select_related("case"))
+        for patch in stale:
+            _audit_status(patch, TissuePatch.Status.RUNNING, TissuePatch.Status.QUEUED, "worker lost: re-enqueued")
+        requeued_running = [p.pk for p in stale]
         TissuePatch.objects.filter(id__in=requeued_running, status=TissuePatch.Status.RUNNING).update(
             status=TissuePatch.Status.QUEUED, claim_token=None, enqueued_at=now
         )

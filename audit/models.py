@@ -1,0 +1,43 @@
+"""The append-only, hash-chained audit trail."""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class AuditEvent(models.Model):
+    """One recorded action. Insert-only: on PostgreSQL a trigger rejects UPDATE and DELETE.
+
+    ``hash`` is the SHA-256 of the event's content and ``prev_hash`` (the previous event's hash),
+    so changing or removing any event breaks every hash after it (``manage.py verify_audit``).
+    No foreign keys: nothing that happens to the rows an event names can change or cascade to it.
+    """
+
+    class ActorType(models.TextChoices):
+        USER = "user", "User"
+        LAB_SYSTEM = "lab_system", "Lab system"
+        WORKER = "worker", "Worker"
+        SYSTEM = "system", "System"
+        ANONYMOUS = "anonymous", "Anonymous"
+
+    created_at = models.DateTimeField(db_index=True, help_text="UTC.")
+    actor_type = models.CharField(max_length=12, choices=ActorType.choices)
+    actor_id = models.CharField(max_length=64, blank=True)
+    actor_label = models.CharField(max_length=150, blank=True, help_text="User name or lab-system name at the time.")
+    institution_id = models.BigIntegerField(null=True, blank=True, db_index=True)
+    action = models.CharField(max_length=60, db_index=True, help_text="e.g. case.create, patch.status, auth.login")
+    target_type = models.CharField(max_length=40, blank=True)
+    target_id = models.CharField(max_length=64, blank=True)
+    before = models.JSONField(null=True, blank=True)
+    after = models.JSONField(null=True, blank=True)
+    reason = models.TextField(blank=True)
+    client_address = models.GenericIPAddressField(null=True, blank=True)
+    prev_hash = models.CharField(max_length=64)
+    hash = models.CharField(max_length=64, unique=True)
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["target_type", "target_id"], name="audit_target")]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.action} {self.target_type}:{self.target_id} by {self.actor_label or self.actor_type}"

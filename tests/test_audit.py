@@ -1,0 +1,148 @@
+"""The tamper-evident audit trail: what is recorded, in the same transaction, hash-chained,
+append-only on PostgreSQL, and verifiable."""
+
+from __future__ import annotations
+
+import io
+import itertools
+
+import pytest
+from django.core.management import CommandError, call_command
+from django.db import connection, transaction
+
+from audit.models import AuditEvent
+from audit.services import audit_verify
+from cases.models import BiopsyCase
+from cases.services import PatientData, case_create
+from inference import services
+from tests.conftest import CASE_PAYLOAD, fixture_patch, unavailable
+
+pytestmark = pytest.mark.django_db
+
+
+def actions() -> list[str]:
+    return list(AuditEvent.objects.order_by("id").values_list("action", flat=True))
+
+
+def test_case_upload_and_analysis_are_recorded_in_a_verifiable_chain(lab_api, demo_model):
+    case = lab_api.post("/api/v1/cases/", CASE_PAYLOAD, format="json").json()
+    with open(fixture_patch("TUM-TCGA-KECNIDCQ.png"), "rb") as image:
+        patch_id = lab_api.post(f"/api/v1/cases/{case['id']}/patches/", {"image": [image]}, format="multipart").json()[
+            "patches"
+        ][0]["id"]
+    services.prediction_run(patch_ids=[patch_id])
+    recorded = actions()
+    for action in ("patient.create", "case.create", "patch.create", "case.status", "patch.status", "prediction.create"):
+        assert action in recorded, (action, recorded)
+    created = AuditEvent.objects.get(action="case.create")
+    assert (created.actor_type, created.actor_label) == ("lab_system", "LIS")
+    assert created.after["accession"] == CASE_PAYLOAD["accession"] and created.target_id == str(case["id"])
+    statuses = [(e.before["status"], e.after["status"]) for e in AuditEvent.objects.filter(action="patch.status")]
+    assert statuses == [("queued", "running"), ("running", "done")]
+    assert AuditEvent.objects.filter(action="case.status").last().after == {"status": "ready_for_review"}
+    prediction = AuditEvent.objects.get(action="prediction.create")
+    assert prediction.actor_type == "worker" and prediction.after["label"] == "TUM"
+    checked, bad, _ = audit_verify()
+    assert bad is None and checked == AuditEvent.objects.count()
+    events = list(AuditEvent.objects.order_by("id"))
+    assert all(b.prev_hash == a.hash for a, b in itertools.pairwise(events))
+
+
+def test_event_and_change_commit_or_roll_back_together(institution, clinician):
+    with pytest.raises(RuntimeError), transaction.atomic():
+        case_create(
+            institution=institution,
+            created_by=clinician,
+            patient=PatientData(mrn="R1", name="Rolled Back"),
+            accession="RB-1",
+            specimen_site="colon",
+        )
+        assert AuditEvent.objects.filter(action="case.create").exists()
+        raise RuntimeError("the request failed after the change")
+    assert not BiopsyCase.objects.exists() and not AuditEvent.objects.exists()
+
+
+def test_reads_of_patient_data_are_recorded_with_actor_and_address(lab_api, clinician_client):
+    case_id = lab_api.post("/api/v1/cases/", CASE_PAYLOAD, format="json").json()["id"]
+    lab_api.get(f"/api/v1/cases/{case_id}/", REMOTE_ADDR="10.1.2.3")
+    read = AuditEvent.objects.filter(action="patient.read").last()
+    assert (read.actor_type, read.client_address, read.after["via"]) == ("lab_system", "10.1.2.3", "api case")
+    clinician_client.get(f"/cases/{case_id}/")
+    read = AuditEvent.objects.filter(action="patient.read").last()
+    assert read.actor_type == "user" and read.after == {"via": "web case page", "case": case_id}
+    lab_api.get("/api/v1/cases/")
+    assert AuditEvent.objects.filter(action="patient.read", after__via="api case list").exists()
+
+
+def test_logins_failed_logins_and_logouts_are_recorded(client, clinician):
+    client.post("/login/", {"username": clinician.username, "password": "wrong"})
+    client.post("/login/", {"username": clinician.username, "password": "not-a-real-pass-1"})
+    client.post("/logout/")
+    assert actions() == ["auth.login_failed", "auth.login", "auth.logout"]
+    failed = AuditEvent.objects.get(action="auth.login_failed")
+    assert failed.actor_label == clinician.username and "wrong" not in str(failed.after)
+
+
+def test_token_creation_revocation_and_model_activation_are_recorded(institution, demo_model):
+    call_command(
+        "create_lab_token", institution=institution.slug, name="LIS 9", stdout=io.StringIO(), stderr=io.StringIO()
+    )
+    call_command("revoke_lab_token", institution=institution.slug, name="LIS 9", stdout=io.StringIO())
+    recorded = actions()
+    assert "lab_system.create" in recorded and "lab_system.revoke" in recorded
+    assert "model.register" in recorded and "model.activate" in recorded
+    created = AuditEvent.objects.get(action="lab_system.create")
+    assert "cldy_" not in str(created.after.get("hint", ""))[12:]  # never the key itself
+
+
+def test_verify_audit_names_the_first_altered_event(institution, clinician):
+    for i in range(3):
+        case_create(
+            institution=institution,
+            created_by=clinician,
+            patient=PatientData(mrn=f"V{i}", name="Verify"),
+            accession=f"V-{i}",
+            specimen_site="colon",
+        )
+    out = io.StringIO()
+    call_command("verify_audit", stdout=out)
+    assert f"OK: {AuditEvent.objects.count()} audit events verify" in out.getvalue()
+    anchor = io.StringIO()
+    call_command("audit_anchor", stdout=anchor)
+    assert AuditEvent.objects.order_by("-id").first().hash in anchor.getvalue()
+
+    victim = AuditEvent.objects.filter(action="case.create").order_by("id")[1]
+    with connection.cursor() as cursor:
+        # Behind the trigger's back: as the table's owner, with the trigger disabled.
+        if connection.vendor == "postgresql":
+            cursor.execute("ALTER TABLE audit_auditevent DISABLE TRIGGER audit_event_append_only")
+        cursor.execute("UPDATE audit_auditevent SET reason = %s WHERE id = %s", ["edited later", victim.pk])
+        if connection.vendor == "postgresql":
+            cursor.execute("ALTER TABLE audit_auditevent ENABLE TRIGGER audit_event_append_only")
+    with pytest.raises(CommandError, match=f"audit event #{victim.pk} \\(case.create"):
+        call_command("verify_audit")
+
+
+def test_postgresql_rejects_update_and_delete_of_audit_events(institution, clinician):
+    if connection.vendor != "postgresql":
+        unavailable("the append-only trigger exists on PostgreSQL only (set DATABASE_URL)")
+    case_create(
+        institution=institution,
+        created_by=clinician,
+        patient=PatientData(mrn="T1", name="Trigger"),
+        accession="T-1",
+        specimen_site="colon",
+    )
+    event = AuditEvent.objects.first()
+    from django.db import DatabaseError
+
+    for statement in (
+        "UPDATE audit_auditevent SET reason = 'x' WHERE id = %s",
+        "DELETE FROM audit_auditevent WHERE id = %s",
+    ):
+        with pytest.raises(DatabaseError, match="append-only"), transaction.atomic(), connection.cursor() as cursor:
+            cursor.execute(statement, [event.pk])
+    with pytest.raises(DatabaseError, match="append-only"), transaction.atomic():
+        AuditEvent.objects.filter(pk=event.pk).update(reason="via the ORM too")
+    event.refresh_from_db()
+    assert event.reason == "" and audit_verify()[1] is None
