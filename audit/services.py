@@ -173,3 +173,22 @@ def patient_read(*, principal, patients, via: str, request=None, case=None) -> N
             after={"via": via, "patients": sorted({p.pk for p in patients})},
             request=request,
         )
+
+
+def case_history(*, case, patch_ids: list[int], limit: int = 200) -> list[AuditEvent]:
+    """The audit events of a case and its patches, oldest first (reads of patient data left out)."""
+    from django.db.models import Q
+
+    prediction_ids = []
+    if patch_ids:
+        from inference.models import Prediction
+
+        prediction_ids = [
+            str(pk) for pk in Prediction.objects.filter(patch_id__in=patch_ids).values_list("pk", flat=True)
+        ]
+    query = (
+        Q(target_type="cases.biopsycase", target_id=str(case.pk))
+        | Q(target_type="cases.tissuepatch", target_id__in=[str(pk) for pk in patch_ids])
+        | Q(target_type="inference.prediction", target_id__in=prediction_ids)
+    )
+    return list(AuditEvent.objects.filter(query).order_by("id")[:limit])

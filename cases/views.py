@@ -13,7 +13,7 @@ from django.views.decorators.http import require_POST
 from PIL import Image
 
 from accounts.permissions import institution_of
-from audit.services import patient_read
+from audit.services import case_history, patient_read
 from cases.forms import CaseForm
 from cases.models import BiopsyCase, TissuePatch
 from cases.selectors import case_with_results, cases_visible_to, patients_visible_to
@@ -90,6 +90,7 @@ def case_detail(request, pk: int):
 
 def _render_case(request, case: BiopsyCase, upload_errors: list[str] | None = None):
     patches = list(case.patches.all())
+    history = case_history(case=case, patch_ids=[p.pk for p in patches])
     for patch in patches:
         patch.latest_prediction = next(iter(patch.predictions.all()), None)
         if patch.latest_prediction:
@@ -105,6 +106,7 @@ def _render_case(request, case: BiopsyCase, upload_errors: list[str] | None = No
             "pending": pending and not upload_errors,
             "upload_errors": upload_errors,
             "any_heatmap": any_heatmap,
+            "history": history,
         },
         status=400 if upload_errors else 200,
     )

@@ -146,3 +146,31 @@ def test_postgresql_rejects_update_and_delete_of_audit_events(institution, clini
         AuditEvent.objects.filter(pk=event.pk).update(reason="via the ORM too")
     event.refresh_from_db()
     assert event.reason == "" and audit_verify()[1] is None
+
+
+def test_case_page_shows_its_own_history(clinician_client, clinician, demo_model):
+    from cases.services import patch_upload
+
+    case = case_create(
+        institution=clinician.institution,
+        created_by=clinician,
+        patient=PatientData(mrn="H1", name="History"),
+        accession="H-1",
+        specimen_site="colon",
+    )
+    other = case_create(
+        institution=clinician.institution,
+        created_by=clinician,
+        patient=PatientData(mrn="H2", name="Other"),
+        accession="H-2",
+        specimen_site="colon",
+    )
+    (patch,) = patch_upload(
+        case=case, uploaded_by=clinician, files=[("h.png", fixture_patch("TUM-TCGA-KECNIDCQ.png").read_bytes())]
+    ).patches
+    services.prediction_run(patch_ids=[patch.pk])
+    page = clinician_client.get(f"/cases/{case.pk}/").content.decode()
+    history = page[page.index('id="history"') :]
+    for action in ("case.create", "patch.create", "patch.status", "prediction.create", "case.status"):
+        assert action in history
+    assert f"biopsycase {other.pk}<" not in history
