@@ -32,7 +32,7 @@ from accounts.models import LabSystem, Scope
 from accounts.permissions import institution_of
 from audit.services import patient_read
 from cases.fhir import case_bundle
-from cases.models import BiopsyCase, Patient, TissuePatch
+from cases.models import Addendum, BiopsyCase, Patient, Review, SignOut, TissuePatch
 from cases.selectors import case_with_results, cases_visible_to
 from cases.services import NoValidImage, PatientData, case_create, patch_upload
 from cases.uploads import UploadRejected, check_file_name, read_uploads
@@ -101,10 +101,19 @@ class PredictionSerializer(serializers.ModelSerializer):
         fields = ["label", "scores", "uncertainty", "needs_attention", "model_version", "created_at"]
 
 
+class ReviewSerializer(serializers.ModelSerializer):
+    reviewed_at = serializers.DateTimeField(source="created_at")
+
+    class Meta:
+        model = Review
+        fields = ["decision", "final_label", "reason_code", "reason_text", "reviewed_at"]
+
+
 class PatchSerializer(serializers.ModelSerializer):
     prediction = serializers.SerializerMethodField(
         help_text="The latest AI result; null until analysed, or without the results:read scope."
     )
+    review = serializers.SerializerMethodField(help_text="The latest pathologist review, or null.")
 
     class Meta:
         model = TissuePatch
@@ -119,6 +128,7 @@ class PatchSerializer(serializers.ModelSerializer):
             "sha256",
             "created_at",
             "prediction",
+            "review",
         ]
 
     @extend_schema_field(PredictionSerializer(allow_null=True))
@@ -127,6 +137,13 @@ class PatchSerializer(serializers.ModelSerializer):
             return None
         prediction = next(iter(patch.predictions.all()), None)  # newest first (prefetched)
         return None if prediction is None else PredictionSerializer(prediction).data
+
+    @extend_schema_field(ReviewSerializer(allow_null=True))
+    def get_review(self, patch: TissuePatch):
+        if not self.context.get("results", True):
+            return None
+        review = max(patch.reviews.all(), key=lambda r: r.pk, default=None)
+        return None if review is None else ReviewSerializer(review).data
 
 
 class CaseSerializer(serializers.ModelSerializer):
@@ -151,11 +168,35 @@ class CaseSerializer(serializers.ModelSerializer):
         extra_kwargs = {"accession": {"validators": []}}
 
 
+class SignOutSerializer(serializers.ModelSerializer):
+    pathologist = serializers.CharField(source="pathologist.get_username")
+    signed_out_at = serializers.DateTimeField(source="created_at")
+
+    class Meta:
+        model = SignOut
+        fields = ["conclusion", "tumour_fraction", "comment", "pathologist", "signed_out_at"]
+
+
+class AddendumSerializer(serializers.ModelSerializer):
+    pathologist = serializers.CharField(source="pathologist.get_username")
+
+    class Meta:
+        model = Addendum
+        fields = ["text", "reason", "pathologist", "created_at"]
+
+
 class CaseDetailSerializer(CaseSerializer):
     patches = PatchSerializer(many=True, read_only=True)
+    sign_out = serializers.SerializerMethodField(help_text="The pathologist's conclusion once signed out, or null.")
+    addenda = AddendumSerializer(many=True, read_only=True)
 
     class Meta(CaseSerializer.Meta):
-        fields = [*CaseSerializer.Meta.fields, "patches"]
+        fields = [*CaseSerializer.Meta.fields, "patches", "sign_out", "addenda"]
+
+    @extend_schema_field(SignOutSerializer(allow_null=True))
+    def get_sign_out(self, case: BiopsyCase):
+        sign_out = getattr(case, "sign_out", None)
+        return None if sign_out is None or not self.context.get("results", True) else SignOutSerializer(sign_out).data
 
 
 CASE_EXAMPLE = OpenApiExample(

@@ -123,19 +123,43 @@ def case_bundle(case: BiopsyCase) -> dict:
         if prediction is None:
             continue
         ref = _urn("observation", prediction.pk, inst)
-        entries.append((ref, _observation(patch, prediction, refs)))
+        observation = _observation(patch, prediction, refs)
+        review = max(patch.reviews.all(), key=lambda r: r.pk, default=None)
+        if review is not None:
+            # The pathologist's class is the result; the AI's stays alongside as a component.
+            observation["status"] = "final"
+            observation["component"].append(
+                {
+                    "code": {"coding": [{"system": f"{SYSTEM}/CodeSystem/observation", "code": "ai-tissue-class"}]},
+                    "valueCodeableConcept": _tissue_concept(prediction.label),
+                }
+            )
+            observation["valueCodeableConcept"] = _tissue_concept(review.final_label)
+            observation["performer"] = [{"display": review.pathologist.get_username()}]
+        entries.append((ref, observation))
         results.append({"reference": ref})
         labels.append(prediction.label)
     pending = sum(p.status in TissuePatch.PENDING for p in case.patches.all())
     tumour = labels.count("TUM")
-    conclusion = (
-        f"AI analysis (not yet reviewed by a pathologist): {tumour} of {len(labels)} analysed patches classified "
-        f"as adenocarcinoma epithelium (TUM)" + (f"; {pending} patches still being analysed." if pending else ".")
-    )
+    sign_out = getattr(case, "sign_out", None)
+    addenda = list(case.addenda.all())
+    if sign_out is not None:
+        status = "amended" if addenda else "final"
+        conclusion = f"{sign_out.get_conclusion_display()} (tumour patch fraction {sign_out.tumour_fraction:.0%})."
+        if sign_out.comment:
+            conclusion += f" {sign_out.comment}"
+        for number, addendum in enumerate(addenda, 1):
+            conclusion += f" Addendum {number} ({addendum.reason}): {addendum.text}"
+    else:
+        status = "preliminary" if not pending else "partial"
+        conclusion = (
+            f"AI analysis (not yet reviewed by a pathologist): {tumour} of {len(labels)} analysed patches classified "
+            f"as adenocarcinoma epithelium (TUM)" + (f"; {pending} patches still being analysed." if pending else ".")
+        )
     report = {
         "resourceType": "DiagnosticReport",
         "id": f"report-{case.pk}",
-        "status": "preliminary" if not pending else "partial",
+        "status": status,
         "category": [
             {
                 "coding": [

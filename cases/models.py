@@ -113,3 +113,69 @@ class TissuePatch(models.Model):
     @staticmethod
     def new_storage_name(institution_id: int) -> str:
         return f"patches/{institution_id}/{uuid.uuid4().hex}{STORAGE_SUFFIX}"
+
+
+class Review(models.Model):
+    """A pathologist's decision on one patch's AI result. It stands beside the Prediction and never
+    edits it; a later review by the same pathologist supersedes an earlier one (both are kept)."""
+
+    class Decision(models.TextChoices):
+        CONFIRM = "confirm", "Confirm"
+        OVERRIDE = "override", "Override"
+
+    class Reason(models.TextChoices):
+        WRONG_CLASS = "wrong_class", "Wrong class"
+        POOR_QUALITY = "poor_quality", "Poor image quality"
+        OUTSIDE_SCOPE = "outside_scope", "Outside the model's scope"
+        OTHER = "other", "Other"
+
+    patch = models.ForeignKey(TissuePatch, on_delete=models.PROTECT, related_name="reviews")
+    prediction = models.ForeignKey("inference.Prediction", on_delete=models.PROTECT, related_name="reviews")
+    pathologist = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    decision = models.CharField(max_length=10, choices=Decision.choices)
+    final_label = models.CharField(max_length=32, help_text="The pathologist's class (the AI's when confirmed).")
+    reason_code = models.CharField(max_length=20, choices=Reason.choices, blank=True)
+    reason_text = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+
+    def __str__(self) -> str:
+        return f"{self.patch_id}: {self.decision} {self.final_label}"
+
+
+class SignOut(models.Model):
+    """The case-level conclusion of a pathologist. After it the case is read-only but for addenda."""
+
+    class Conclusion(models.TextChoices):
+        ADENOCARCINOMA = "adenocarcinoma", "Adenocarcinoma present"
+        NO_TUMOUR = "no_tumour", "No tumour in the submitted patches"
+        NON_DIAGNOSTIC = "non_diagnostic", "Non-diagnostic"
+
+    case = models.OneToOneField(BiopsyCase, on_delete=models.PROTECT, related_name="sign_out")
+    pathologist = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    conclusion = models.CharField(max_length=20, choices=Conclusion.choices)
+    tumour_fraction = models.FloatField(help_text="Share of reviewed patches whose final class is TUM, 0..1.")
+    comment = models.TextField(blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    def __str__(self) -> str:
+        return f"{self.case} {self.conclusion}"
+
+
+class Addendum(models.Model):
+    """A later note on a signed-out case, with its reason. Shown in order; never overwrites."""
+
+    case = models.ForeignKey(BiopsyCase, on_delete=models.PROTECT, related_name="addenda")
+    pathologist = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    text = models.TextField()
+    reason = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["id"]
+        verbose_name_plural = "addenda"
+
+    def __str__(self) -> str:
+        return f"{self.case} addendum {self.pk}"

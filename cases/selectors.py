@@ -19,9 +19,15 @@ def case_with_results(*, principal, case_id: int) -> BiopsyCase:
     from inference.models import Prediction
 
     patches = TissuePatch.objects.order_by("id").prefetch_related(
-        Prefetch("predictions", queryset=Prediction.objects.select_related("model_version").order_by("-id"))
+        Prefetch("predictions", queryset=Prediction.objects.select_related("model_version").order_by("-id")),
+        "reviews__pathologist",
     )
-    return cases_visible_to(principal=principal).prefetch_related(Prefetch("patches", queryset=patches)).get(pk=case_id)
+    return (
+        cases_visible_to(principal=principal)
+        .select_related("institution", "sign_out__pathologist")
+        .prefetch_related(Prefetch("patches", queryset=patches), "addenda__pathologist")
+        .get(pk=case_id)
+    )
 
 
 def patients_visible_to(*, principal) -> QuerySet[Patient]:

@@ -8,14 +8,15 @@ from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.files.storage import default_storage
 from django.http import Http404, HttpResponse
-from django.shortcuts import redirect, render
+from django.shortcuts import get_object_or_404, redirect, render
 from django.views.decorators.http import require_POST
 from PIL import Image
 
 from accounts.permissions import institution_of
 from audit.services import case_history, patient_read
 from cases.forms import CaseForm
-from cases.models import BiopsyCase, TissuePatch
+from cases.models import BiopsyCase, Review, SignOut, TissuePatch
+from cases.review import NotAllowed, addendum_add, case_sign_out, final_labels, review_confirm_all, review_submit
 from cases.selectors import case_with_results, cases_visible_to, patients_visible_to
 from cases.services import CaseError, NoValidImage, PatientData, case_create, patch_upload
 from cases.uploads import read_uploads
@@ -88,11 +89,17 @@ def case_detail(request, pk: int):
     return _render_case(request, case)
 
 
-def _render_case(request, case: BiopsyCase, upload_errors: list[str] | None = None):
+def _render_case(
+    request, case: BiopsyCase, upload_errors: list[str] | None = None, action_errors=None, status: int | None = None
+):
     patches = list(case.patches.all())
+    labels_by_patch = final_labels(case)
+    mine = {r.patch_id: r for r in Review.objects.filter(patch__case=case).order_by("id")}
     history = case_history(case=case, patch_ids=[p.pk for p in patches])
     for patch in patches:
         patch.latest_prediction = next(iter(patch.predictions.all()), None)
+        patch.review = mine.get(patch.pk)
+        patch.final_label = labels_by_patch.get(patch.pk)
         if patch.latest_prediction:
             patch.sorted_scores = sorted(patch.latest_prediction.scores.items(), key=lambda kv: -kv[1])
     pending = any(p.status in TissuePatch.PENDING for p in patches)
@@ -107,8 +114,15 @@ def _render_case(request, case: BiopsyCase, upload_errors: list[str] | None = No
             "upload_errors": upload_errors,
             "any_heatmap": any_heatmap,
             "history": history,
+            "action_errors": action_errors,
+            "can_review": getattr(request.user, "role", None) == "pathologist",
+            "sign_out": getattr(case, "sign_out", None),
+            "addenda": list(case.addenda.all()),
+            "conclusions": SignOut.Conclusion.choices,
+            "reasons": Review.Reason.choices,
+            "unreviewed": sum(1 for p in patches if p.latest_prediction and p.pk not in labels_by_patch),
         },
-        status=400 if upload_errors else 200,
+        status=status or (400 if upload_errors else 200),
     )
 
 
@@ -166,3 +180,77 @@ def patch_heatmap(request, pk: int, patch_id: int, label: str):
     if grid is None:
         raise Http404("No heatmap for this class.")
     return _png_response(render_heatmap(grid, THUMBNAIL_SIDE))
+
+
+def _act(request, pk: int, action) -> HttpResponse:
+    """Run a review action for the case page; errors come back on the page with a 4xx."""
+    case = _visible_case(request, pk)
+    try:
+        message = action(case)
+    except NotAllowed as exc:
+        return _render_case(request, case, action_errors=[str(exc)], status=403)
+    except CaseError as exc:
+        return _render_case(request, case, action_errors=[str(exc)], status=400)
+    messages.success(request, message)
+    return redirect("cases:detail", pk=case.pk)
+
+
+@login_required
+@require_POST
+def patch_review(request, pk: int, patch_id: int):
+    def action(case):
+        patch = get_object_or_404(TissuePatch, case=case, pk=patch_id)
+        review = review_submit(
+            patch=patch,
+            pathologist=request.user,
+            decision=request.POST.get("decision", ""),
+            final_label=request.POST.get("final_label", ""),
+            reason_code=request.POST.get("reason_code", ""),
+            reason_text=request.POST.get("reason_text", "").strip(),
+            request=request,
+        )
+        return f"{patch.original_name}: {review.get_decision_display().lower()}ed as {review.final_label}."
+
+    return _act(request, pk, action)
+
+
+@login_required
+@require_POST
+def case_confirm_all(request, pk: int):
+    def action(case):
+        reviews = review_confirm_all(case=case, pathologist=request.user, request=request)
+        return f"Confirmed {len(reviews)} patch(es); your overrides stand."
+
+    return _act(request, pk, action)
+
+
+@login_required
+@require_POST
+def case_sign_out_view(request, pk: int):
+    def action(case):
+        sign_out = case_sign_out(
+            case=case,
+            pathologist=request.user,
+            conclusion=request.POST.get("conclusion", ""),
+            comment=request.POST.get("comment", "").strip(),
+            request=request,
+        )
+        return f"Case signed out: {sign_out.get_conclusion_display()}."
+
+    return _act(request, pk, action)
+
+
+@login_required
+@require_POST
+def case_addendum(request, pk: int):
+    def action(case):
+        addendum_add(
+            case=case,
+            pathologist=request.user,
+            text=request.POST.get("text", ""),
+            reason=request.POST.get("reason", ""),
+            request=request,
+        )
+        return "Addendum added."
+
+    return _act(request, pk, action)

@@ -14,6 +14,7 @@ app.autodiscover_tasks()
 @app.on_after_configure.connect
 def _create_embedded_broker_folder(sender, **kwargs) -> None:
     """The filesystem transport needs its folder to exist before the first message."""
-    folder = sender.conf.broker_transport_options.get("data_folder_in")
-    if folder:
-        os.makedirs(folder, exist_ok=True)
+    for key in ("data_folder_in", "control_folder"):
+        folder = sender.conf.broker_transport_options.get(key)
+        if folder:
+            os.makedirs(folder, exist_ok=True)

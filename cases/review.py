@@ -1,0 +1,178 @@
+"""Pathologist review, sign-out and addenda. Each function owns its transaction and audit event.
+
+Only a pathologist of the case's institution may act (callers resolve the case within the
+institution first, so another institution's case is a 404 before we get here).
+"""
+
+from __future__ import annotations
+
+from django.db import transaction
+
+from accounts.models import User
+from audit.services import audit_record
+from cases.models import Addendum, BiopsyCase, Review, SignOut, TissuePatch
+from cases.services import CaseError
+
+
+class NotAllowed(PermissionError):
+    """The user's role does not allow this action (a 403, with the message)."""
+
+
+def _require_pathologist(user) -> None:
+    if getattr(user, "role", None) != User.Role.PATHOLOGIST:
+        raise NotAllowed("only a pathologist can review or sign out a case")
+
+
+def _locked_case(case: BiopsyCase) -> BiopsyCase:
+    return BiopsyCase.objects.select_for_update().get(pk=case.pk)
+
+
+def _review(*, case, patch, pathologist, decision, final_label="", reason_code="", reason_text="", request=None):
+    prediction = patch.predictions.order_by("-id").first()
+    if prediction is None:
+        raise CaseError(f"patch {patch.original_name} has no AI result to review")
+    classes = prediction.model_version.classes
+    if decision == Review.Decision.CONFIRM:
+        final_label = prediction.label
+    elif decision == Review.Decision.OVERRIDE:
+        if final_label not in classes:
+            raise CaseError(f"final class must be one of {', '.join(classes)}")
+        if reason_code not in Review.Reason.values:
+            raise CaseError(f"an override needs a reason code: one of {', '.join(Review.Reason.values)}")
+        if final_label == prediction.label and not reason_text:
+            raise CaseError("an override must change the class or explain why in the reason text")
+    else:
+        raise CaseError("decision must be confirm or override")
+    previous = patch.reviews.filter(pathologist=pathologist).order_by("-id").first()
+    review = Review.objects.create(
+        patch=patch,
+        prediction=prediction,
+        pathologist=pathologist,
+        decision=decision,
+        final_label=final_label,
+        reason_code=reason_code if decision == Review.Decision.OVERRIDE else "",
+        reason_text=reason_text,
+    )
+    audit_record(
+        actor=pathologist,
+        action=f"review.{decision}",
+        target=review,
+        institution_id=case.institution_id,
+        before={"final_label": previous.final_label, "decision": previous.decision} if previous else None,
+        after={"patch": patch.pk, "ai_label": prediction.label, "final_label": final_label, "decision": decision},
+        reason=" ".join(filter(None, [reason_code, reason_text])),
+        request=request,
+    )
+    return review
+
+
+def review_submit(
+    *,
+    patch: TissuePatch,
+    pathologist: User,
+    decision: str,
+    final_label: str = "",
+    reason_code: str = "",
+    reason_text: str = "",
+    request=None,
+) -> Review:
+    """Confirm the AI's class of one patch, or override it with a class and a reason."""
+    _require_pathologist(pathologist)
+    with transaction.atomic():
+        case = _locked_case(patch.case)
+        if case.status == BiopsyCase.Status.SIGNED_OUT:
+            raise CaseError("the case is signed out: add an addendum instead")
+        return _review(
+            case=case,
+            patch=patch,
+            pathologist=pathologist,
+            decision=decision,
+            final_label=final_label,
+            reason_code=reason_code,
+            reason_text=reason_text,
+            request=request,
+        )
+
+
+def review_confirm_all(*, case: BiopsyCase, pathologist: User, request=None) -> list[Review]:
+    """Confirm every analysed patch the pathologist has not reviewed yet (overrides stand)."""
+    _require_pathologist(pathologist)
+    with transaction.atomic():
+        case = _locked_case(case)
+        if case.status == BiopsyCase.Status.SIGNED_OUT:
+            raise CaseError("the case is signed out: add an addendum instead")
+        pending = case.patches.filter(status=TissuePatch.Status.DONE).exclude(reviews__pathologist=pathologist)
+        return [
+            _review(case=case, patch=patch, pathologist=pathologist, decision=Review.Decision.CONFIRM, request=request)
+            for patch in pending.order_by("id")
+        ]
+
+
+def final_labels(case: BiopsyCase) -> dict[int, str]:
+    """{patch id: the latest reviewed final class} for the case's reviewed patches."""
+    labels: dict[int, str] = {}
+    for review in Review.objects.filter(patch__case=case).order_by("id"):
+        labels[review.patch_id] = review.final_label
+    return labels
+
+
+def case_sign_out(*, case: BiopsyCase, pathologist: User, conclusion: str, comment: str = "", request=None) -> SignOut:
+    """Sign the case out with a conclusion. Every analysed patch must have been reviewed."""
+    _require_pathologist(pathologist)
+    if conclusion not in SignOut.Conclusion.values:
+        raise CaseError(f"conclusion must be one of {', '.join(SignOut.Conclusion.values)}")
+    with transaction.atomic():
+        case = _locked_case(case)
+        if case.status == BiopsyCase.Status.SIGNED_OUT:
+            raise CaseError("the case is already signed out: add an addendum instead")
+        if case.status != BiopsyCase.Status.READY_FOR_REVIEW:
+            raise CaseError("the case is not ready for review yet")
+        labels = final_labels(case)
+        unreviewed = case.patches.filter(status=TissuePatch.Status.DONE).exclude(pk__in=labels).count()
+        if unreviewed:
+            raise CaseError(f"{unreviewed} analysed patch(es) are not reviewed yet")
+        fraction = (sum(label == "TUM" for label in labels.values()) / len(labels)) if labels else 0.0
+        sign_out = SignOut.objects.create(
+            case=case,
+            pathologist=pathologist,
+            conclusion=conclusion,
+            tumour_fraction=round(fraction, 4),
+            comment=comment,
+        )
+        BiopsyCase.objects.filter(pk=case.pk).update(status=BiopsyCase.Status.SIGNED_OUT)
+        audit_record(
+            actor=pathologist,
+            action="case.sign_out",
+            target=case,
+            before={"status": case.status},
+            after={
+                "status": BiopsyCase.Status.SIGNED_OUT,
+                "conclusion": conclusion,
+                "tumour_fraction": sign_out.tumour_fraction,
+            },
+            reason=comment,
+            request=request,
+        )
+    return sign_out
+
+
+def addendum_add(*, case: BiopsyCase, pathologist: User, text: str, reason: str, request=None) -> Addendum:
+    """Add an addendum to a signed-out case; it never changes what was signed out."""
+    _require_pathologist(pathologist)
+    if not text.strip() or not reason.strip():
+        raise CaseError("an addendum needs its text and a reason")
+    with transaction.atomic():
+        case = _locked_case(case)
+        if case.status != BiopsyCase.Status.SIGNED_OUT:
+            raise CaseError("addenda are for signed-out cases; review the patches instead")
+        addendum = Addendum.objects.create(case=case, pathologist=pathologist, text=text.strip(), reason=reason.strip())
+        audit_record(
+            actor=pathologist,
+            action="case.addendum",
+            target=addendum,
+            institution_id=case.institution_id,
+            after={"case": case.pk, "text": addendum.text},
+            reason=addendum.reason,
+            request=request,
+        )
+    return addendum
