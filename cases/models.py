@@ -57,6 +57,14 @@ class BiopsyCase(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
     )
     created_by_lab = models.ForeignKey(LabSystem, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    assigned_to = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="assigned_cases",
+        help_text="The pathologist responsible for the review.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 

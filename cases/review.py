@@ -140,6 +140,10 @@ def case_sign_out(*, case: BiopsyCase, pathologist: User, conclusion: str, comme
             comment=comment,
         )
         BiopsyCase.objects.filter(pk=case.pk).update(status=BiopsyCase.Status.SIGNED_OUT)
+        from webhooks.models import WebhookEndpoint
+        from webhooks.services import events_for_cases
+
+        events_for_cases(case_ids=[case.pk], event=WebhookEndpoint.Event.CASE_SIGNED_OUT)
         audit_record(
             actor=pathologist,
             action="case.sign_out",
@@ -176,3 +180,25 @@ def addendum_add(*, case: BiopsyCase, pathologist: User, text: str, reason: str,
             request=request,
         )
     return addendum
+
+
+def case_assign(*, case: BiopsyCase, assignee: User, by: User, request=None) -> BiopsyCase:
+    """Assign a case to a pathologist of its institution: themself, or anyone by an admin."""
+    if assignee.role != User.Role.PATHOLOGIST or assignee.institution_id != case.institution_id:
+        raise CaseError("cases are assigned to a pathologist of the same institution")
+    if by.pk != assignee.pk and by.role != User.Role.ADMIN:
+        raise NotAllowed("only an administrator can assign a case to someone else")
+    with transaction.atomic():
+        case = _locked_case(case)
+        before = case.assigned_to_id
+        case.assigned_to = assignee
+        case.save(update_fields=["assigned_to", "updated_at"])
+        audit_record(
+            actor=by,
+            action="case.assign",
+            target=case,
+            before={"assigned_to": before},
+            after={"assigned_to": assignee.pk},
+            request=request,
+        )
+    return case

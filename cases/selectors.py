@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Case, Prefetch, QuerySet, When
 
 from accounts.permissions import institution_of
 from cases.models import BiopsyCase, Patient, TissuePatch
@@ -35,3 +35,37 @@ def patients_visible_to(*, principal) -> QuerySet[Patient]:
     if institution is None:
         return Patient.objects.none()
     return Patient.objects.filter(institution=institution)
+
+
+def worklist(*, principal, status: str = "ready_for_review", priority: str = "", site: str = "", since=None):
+    """Cases for a pathologist: urgent first, then the least certain AI results, then suspected
+    tumour, then the oldest. Annotated with ``ai_max_uncertainty``, ``ai_tumour_patches`` and
+    ``ai_attention`` (patches flagged as needing attention)."""
+    from django.db.models import Count, F, Max, Q
+
+    cases = cases_visible_to(principal=principal)
+    if status:
+        cases = cases.filter(status=status)
+    if priority:
+        cases = cases.filter(priority=priority)
+    if site:
+        cases = cases.filter(specimen_site__icontains=site)
+    if since is not None:
+        cases = cases.filter(created_at__gte=since)
+    cases = cases.annotate(
+        ai_max_uncertainty=Max("patches__predictions__uncertainty"),
+        ai_tumour_patches=Count("patches__predictions", filter=Q(patches__predictions__label="TUM")),
+        ai_attention=Count("patches__predictions", filter=Q(patches__predictions__needs_attention=True)),
+    )
+    urgent_first = Case(When(priority=BiopsyCase.Priority.URGENT, then=0), default=1)
+    return cases.select_related("patient", "assigned_to").order_by(
+        urgent_first, F("ai_max_uncertainty").desc(nulls_last=True), "-ai_tumour_patches", "created_at", "id"
+    )
+
+
+def case_counts(*, principal) -> dict[str, int]:
+    """{status: number of the institution's cases}, every status present."""
+    from django.db.models import Count
+
+    counts = dict(cases_visible_to(principal=principal).values_list("status").annotate(n=Count("id")))
+    return {value: counts.get(value, 0) for value in BiopsyCase.Status.values}

@@ -9,15 +9,25 @@ from django.contrib.auth.decorators import login_required
 from django.core.files.storage import default_storage
 from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils.dateparse import parse_date
 from django.views.decorators.http import require_POST
 from PIL import Image
 
+from accounts.models import User
 from accounts.permissions import institution_of
 from audit.services import case_history, patient_read
 from cases.forms import CaseForm
 from cases.models import BiopsyCase, Review, SignOut, TissuePatch
-from cases.review import NotAllowed, addendum_add, case_sign_out, final_labels, review_confirm_all, review_submit
-from cases.selectors import case_with_results, cases_visible_to, patients_visible_to
+from cases.review import (
+    NotAllowed,
+    addendum_add,
+    case_assign,
+    case_sign_out,
+    final_labels,
+    review_confirm_all,
+    review_submit,
+)
+from cases.selectors import case_counts, case_with_results, cases_visible_to, patients_visible_to, worklist
 from cases.services import CaseError, NoValidImage, PatientData, case_create, patch_upload
 from cases.uploads import read_uploads
 from inference.core.explain import render_heatmap
@@ -254,3 +264,51 @@ def case_addendum(request, pk: int):
         return "Addendum added."
 
     return _act(request, pk, action)
+
+
+@login_required
+def case_worklist(request):
+    """The review worklist: urgent first, then the least certain AI results, then suspected tumour."""
+    params = request.GET
+    status = params.get("status", BiopsyCase.Status.READY_FOR_REVIEW)
+    status = status if status in BiopsyCase.Status.values or status == "" else BiopsyCase.Status.READY_FOR_REVIEW
+    since = parse_date(params.get("since", "")) if params.get("since") else None
+    cases = worklist(
+        principal=request.user,
+        status=status,
+        priority=params.get("priority", "") if params.get("priority") in BiopsyCase.Priority.values else "",
+        site=params.get("site", "").strip(),
+        since=since,
+    )[:200]
+    shown = list(cases)
+    patient_read(principal=request.user, patients=[c.patient for c in shown], via="web worklist", request=request)
+    return render(
+        request,
+        "cases/worklist.html",
+        {
+            "cases": shown,
+            "counts": case_counts(principal=request.user),
+            "statuses": BiopsyCase.Status.choices,
+            "priorities": BiopsyCase.Priority.choices,
+            "status": status,
+            "params": params,
+            "pathologists": User.objects.filter(institution=institution_of(request.user), role=User.Role.PATHOLOGIST),
+        },
+    )
+
+
+@login_required
+@require_POST
+def case_assign_view(request, pk: int):
+    def action(case):
+        assignee_id = request.POST.get("assignee") or request.user.pk
+        assignee = User.objects.filter(pk=assignee_id, institution=case.institution).first()
+        if assignee is None:
+            raise CaseError("no such pathologist in this institution")
+        case_assign(case=case, assignee=assignee, by=request.user, request=request)
+        return f"Case {case.accession} assigned to {assignee.get_username()}."
+
+    response = _act(request, pk, action)
+    if response.status_code == 302 and request.POST.get("next") == "worklist":
+        return redirect("cases:worklist")
+    return response
