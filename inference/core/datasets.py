@@ -113,6 +113,25 @@ def source_um_per_px(root: Path, folder_names: list[str]) -> float | None:
     return None
 
 
+def _manifest_groups(root: Path) -> dict[str, str]:
+    """{relative file: patient group} from our export's manifest.csv, when the folder has one."""
+    manifest = root / "manifest.csv"
+    if not manifest.is_file():
+        return {}
+    import csv
+
+    with open(manifest, newline="") as handle:
+        return {row["file"]: f"patient-{row['group']}" for row in csv.DictReader(handle) if row.get("group")}
+
+
+def dataset_version(root: str | Path) -> str | None:
+    """The version our export recorded in dataset.json (the manifest's SHA-256), if any."""
+    info = Path(root) / "dataset.json"
+    if not info.is_file():
+        return None
+    return json.loads(info.read_text()).get("dataset_version")
+
+
 def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None) -> list[LabelledImage]:
     """List the labelled images under a folder-per-class dataset root (nothing is loaded).
 
@@ -133,6 +152,7 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None) -> lis
     known_folder = False
     folders = sorted(p for p in root.iterdir() if p.is_dir())
     um_per_px = source_um_per_px(root, [f.name for f in folders])
+    groups = _manifest_groups(root)
     for folder in folders:
         if _folder_key(folder.name) not in FOLDER_TO_CLASS:
             continue
@@ -143,7 +163,13 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None) -> lis
         for path in sorted(folder.rglob("*")):
             if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
                 found.append(
-                    LabelledImage(path=path, label=label, source=root.name, group=_group_of(path), um_per_px=um_per_px)
+                    LabelledImage(
+                        path=path,
+                        label=label,
+                        source=root.name,
+                        group=groups.get(f"{folder.name}/{path.name}") or _group_of(path),
+                        um_per_px=um_per_px,
+                    )
                 )
     if not known_folder:
         raise ValueError(f"{root} has no class folders (expected names such as TUM/ or 01_TUMOR/)")

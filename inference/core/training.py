@@ -34,7 +34,7 @@ from PIL import Image
 
 from inference.core import evaluation
 from inference.core.augment import augment
-from inference.core.datasets import LabelledImage, leakage_groups, manifest_sha256
+from inference.core.datasets import LabelledImage, dataset_version, leakage_groups, manifest_sha256
 from inference.core.model import MODEL_FILE, SERVING_FILE, file_sha256, write_metadata
 from inference.core.preprocessing import preprocess
 
@@ -125,6 +125,11 @@ def split_by_group(
             for c, n in counts.items():
                 need[best][c] = max(0.0, need[best][c] - n)
     return out["train"], out["val"], out["test"]
+
+
+def _roots(images: list[LabelledImage]) -> dict[str, Path]:
+    """{source name: dataset root folder} (the class folder's parent)."""
+    return {i.source: i.path.parent.parent for i in images}
 
 
 def _load(image: LabelledImage) -> Image.Image:
@@ -327,6 +332,9 @@ def train_classifier(
             "split": facts["split"],
             "test_files": facts["test_files"],
             "data_manifest_sha256": manifest_sha256(images),
+            "dataset_versions": {
+                s: v for s, v in ((s, dataset_version(r)) for s, r in _roots(images).items()) if v is not None
+            },
             "weights": config.weights if config.weights == "imagenet" else Path(config.weights).name,
             "weights_sha256": None if config.weights == "imagenet" else file_sha256(config.weights),
             "config": {k: v for k, v in asdict(config).items() if k not in {"classes", "weights", "extra"}},
