@@ -126,12 +126,70 @@ def model_register(*, directory: str | Path) -> tuple[ModelVersion, bool]:
     return version, created
 
 
-def model_activate(*, version: ModelVersion, actor: str, user=None, reason: str = "") -> ModelActivation | None:
+def shadow_evaluate(*, candidate: ModelVersion, baseline: ModelVersion) -> dict:
+    """Both models on every reviewed patch, the pathologists' final classes as truth.
+
+    Scores are restricted to the classes both models know and the reviews use; accuracy is over
+    the reviewed patches whose final class is among them.
+    """
+    import numpy as np
+
+    from cases.models import Review
+    from inference.core import evaluation
+
+    latest: dict[int, Review] = {}
+    for review in Review.objects.select_related("patch").order_by("patch_id", "id"):
+        latest[review.patch_id] = review
+    shared = set(candidate.classes) & set(baseline.classes)
+    reviews = [r for r in latest.values() if r.final_label in shared]
+    result: dict = {"patches": len(reviews)}
+    if not reviews:
+        return result
+    payloads = []
+    for review in reviews:
+        with default_storage.open(review.patch.storage_name, "rb") as handle:
+            payloads.append(handle.read())
+    truth = [r.final_label for r in reviews]
+    keep = sorted(set(truth))
+    for name, version in (("candidate", candidate), ("active", baseline)):
+        predictor = Predictor(version.directory)
+        outcomes = pipeline.analyse(predictor, payloads)
+        scores = np.array(
+            [[o.prediction.scores[c] if o.prediction else 0.0 for c in predictor.classes] for o in outcomes]
+        )
+        restricted = evaluation.restrict_to_classes(scores, list(predictor.classes), keep)
+        columns = [c for c in predictor.classes if c in keep]  # restrict_to_classes keeps the model's order
+        predicted = [columns[i] for i in restricted.argmax(axis=1)]
+        correct = sum(p == t for p, t in zip(predicted, truth, strict=True))
+        result[name] = {"version": str(version), "accuracy": round(correct / len(truth), 6), "correct": correct}
+    return result
+
+
+def model_activate(
+    *, version: ModelVersion, actor: str, user=None, reason: str = "", force: bool = False
+) -> ModelActivation | None:
     """Make ``version`` the one the workers serve, after re-checking its files. Records who and when.
+
+    When a model is active and patches have been reviewed, both are first evaluated on every
+    reviewed patch (``shadow_evaluate``); a candidate that does worse is refused unless
+    ``force`` is given with a ``reason`` (both audited).
 
     Returns the activation record, or None when the version was already active.
     """
     model_check(version.directory)
+    current_active = ModelVersion.objects.filter(is_active=True).first()
+    shadow = None
+    if current_active is not None and current_active.pk != version.pk:
+        shadow = shadow_evaluate(candidate=version, baseline=current_active)
+        worse = shadow["patches"] and shadow["candidate"]["accuracy"] < shadow["active"]["accuracy"]
+        if worse and not force:
+            raise ModelRejected(
+                f"{version} is worse than the active {current_active} on the {shadow['patches']} reviewed patches "
+                f"(accuracy {shadow['candidate']['accuracy']:.3f} against {shadow['active']['accuracy']:.3f}); "
+                "activate it anyway only with force and a reason"
+            )
+        if worse and not reason.strip():
+            raise ModelRejected("forcing the activation of a worse model needs a reason")
     if file_sha256(version.directory / MODEL_FILE) != version.file_sha256:
         raise ModelRejected(f"{version}: the model file changed since it was registered")
     with transaction.atomic():
@@ -150,7 +208,7 @@ def model_activate(*, version: ModelVersion, actor: str, user=None, reason: str 
             action="model.activate",
             target=version,
             before={"active": str(current) if current else None},
-            after={"active": str(version)},
+            after={"active": str(version), "shadow_evaluation": shadow, "forced": bool(force)},
             reason=reason,
         )
     logger.warning("model %s activated by %s (was %s)", version, actor, current)

@@ -36,21 +36,30 @@ def find_version(reference: str) -> ModelVersion:
 class Command(BaseCommand):
     help = (
         "Make a registered model version the active one (the one workers serve). Re-verifies its files "
-        "and refuses a model the platform cannot serve. Records who activated it, when, and what it replaced."
+        "and refuses a model the platform cannot serve. Shadow evaluation first: both models on every "
+        "reviewed patch (pathologists' classes as truth); a worse candidate needs --force and --reason. "
+        "Records who activated it, when, what it replaced and the shadow figures."
     )
 
     def add_arguments(self, parser):
         parser.add_argument("version", help="Model version: id, NAME:VERSION, or a unique version string.")
         parser.add_argument("--by", default="", help="User name of who activates it (recorded).")
-        parser.add_argument("--reason", default="", help="Why (recorded).")
+        parser.add_argument("--reason", default="", help="Why (recorded; required with --force).")
+        parser.add_argument(
+            "--force",
+            action="store_true",
+            help="Activate even if it does worse than the active model on reviewed patches.",
+        )
 
-    def handle(self, *args, version: str, by: str, reason: str, **options):
+    def handle(self, *args, version: str, by: str, reason: str, force: bool, **options):
         model_version = find_version(version)
         user = User.objects.filter(username=by).first() if by else None
         if by and user is None:
             raise CommandError(f"no user named {by!r}")
         try:
-            activation = model_activate(version=model_version, actor=actor_name(by), user=user, reason=reason)
+            activation = model_activate(
+                version=model_version, actor=actor_name(by), user=user, reason=reason, force=force
+            )
         except ModelRejected as exc:
             raise CommandError(f"{model_version}: {exc}") from None
         if activation is None:
