@@ -69,3 +69,46 @@ def case_counts(*, principal) -> dict[str, int]:
 
     counts = dict(cases_visible_to(principal=principal).values_list("status").annotate(n=Count("id")))
     return {value: counts.get(value, 0) for value in BiopsyCase.Status.values}
+
+
+def agreement_stats(*, institution, model_version=None) -> dict:
+    """AI vs pathologist on the latest review of each reviewed patch of an institution.
+
+    Returns ``reviews``, ``agreement`` (share of reviews whose final class is the AI's class),
+    ``confusion`` {AI class: {final class: n}}, ``classes`` (sorted), ``per_version``
+    {model version: {reviews, agreement}} and ``per_week`` [(ISO week, reviews, agreement)].
+    """
+    from cases.models import Review
+
+    reviews = Review.objects.filter(patch__case__institution=institution).select_related("prediction__model_version")
+    if model_version is not None:
+        reviews = reviews.filter(prediction__model_version=model_version)
+    latest: dict[int, Review] = {}
+    for review in reviews.order_by("patch_id", "id"):
+        latest[review.patch_id] = review
+    rows = list(latest.values())
+
+    def rate(items) -> float | None:
+        return round(sum(r.final_label == r.prediction.label for r in items) / len(items), 4) if items else None
+
+    confusion: dict[str, dict[str, int]] = {}
+    per_version: dict[str, list] = {}
+    per_week: dict[str, list] = {}
+    for review in rows:
+        ai, final = review.prediction.label, review.final_label
+        confusion.setdefault(ai, {}).setdefault(final, 0)
+        confusion[ai][final] += 1
+        per_version.setdefault(str(review.prediction.model_version), []).append(review)
+        year, week, _ = review.created_at.isocalendar()
+        per_week.setdefault(f"{year}-W{week:02d}", []).append(review)
+    classes = sorted({c for ai, row in confusion.items() for c in (ai, *row)})
+    return {
+        "reviews": len(rows),
+        "agreement": rate(rows),
+        "confusion": confusion,
+        "classes": classes,
+        "per_version": {
+            v: {"reviews": len(items), "agreement": rate(items)} for v, items in sorted(per_version.items())
+        },
+        "per_week": [(week, len(items), rate(items)) for week, items in sorted(per_week.items())],
+    }

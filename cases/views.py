@@ -6,6 +6,7 @@ import io
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
+from django.core.exceptions import PermissionDenied
 from django.core.files.storage import default_storage
 from django.http import Http404, HttpResponse
 from django.shortcuts import get_object_or_404, redirect, render
@@ -27,7 +28,14 @@ from cases.review import (
     review_confirm_all,
     review_submit,
 )
-from cases.selectors import case_counts, case_with_results, cases_visible_to, patients_visible_to, worklist
+from cases.selectors import (
+    agreement_stats,
+    case_counts,
+    case_with_results,
+    cases_visible_to,
+    patients_visible_to,
+    worklist,
+)
 from cases.services import CaseError, NoValidImage, PatientData, case_create, patch_upload
 from cases.uploads import read_uploads
 from inference.core.explain import render_heatmap
@@ -311,4 +319,46 @@ def case_assign_view(request, pk: int):
     response = _act(request, pk, action)
     if response.status_code == 302 and request.POST.get("next") == "worklist":
         return redirect("cases:worklist")
+    return response
+
+
+def _require_admin(request) -> None:
+    if getattr(request.user, "role", None) != User.Role.ADMIN and not request.user.is_superuser:
+        raise PermissionDenied("Only administrators see the agreement dashboard.")
+
+
+@login_required
+def agreement(request):
+    """Admin dashboard: how often pathologists agree with the AI, by class, model and week."""
+    _require_admin(request)
+    stats = agreement_stats(institution=institution_of(request.user))
+    rows = [
+        (ai, [stats["confusion"].get(ai, {}).get(final, 0) for final in stats["classes"]]) for ai in stats["classes"]
+    ]
+    return render(request, "cases/agreement.html", {"stats": stats, "rows": rows})
+
+
+@login_required
+def agreement_chart(request):
+    """Weekly agreement as a server-rendered PNG chart (matplotlib; no CDN, no script)."""
+    _require_admin(request)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    weeks = agreement_stats(institution=institution_of(request.user))["per_week"]
+    figure = Figure(figsize=(7, 3), dpi=100)
+    axes = figure.subplots()
+    axes.bar([w for w, _, _ in weeks], [100 * (a or 0) for _, _, a in weeks], color="#7a1f5c")
+    axes.set_ylim(0, 100)
+    axes.set_ylabel("agreement (%)")
+    axes.set_title("AI vs pathologist, per week (latest review per patch)")
+    for index, (_, n, a) in enumerate(weeks):
+        axes.annotate(f"n={n}", (index, 100 * (a or 0)), ha="center", va="bottom", fontsize=8)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    response = HttpResponse(buffer.getvalue(), content_type="image/png")
+    response["Cache-Control"] = "private, no-store"
     return response
