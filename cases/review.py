@@ -27,7 +27,9 @@ def _locked_case(case: BiopsyCase) -> BiopsyCase:
     return BiopsyCase.objects.select_for_update().get(pk=case.pk)
 
 
-def _review(*, case, patch, pathologist, decision, final_label="", reason_code="", reason_text="", request=None):
+def _review(
+    *, case, patch, pathologist, decision, final_label="", reason_code="", reason_text="", request=None, audit=True
+):
     prediction = patch.predictions.order_by("-id").first()
     if prediction is None:
         raise CaseError(f"patch {patch.original_name} has no AI result to review")
@@ -53,6 +55,8 @@ def _review(*, case, patch, pathologist, decision, final_label="", reason_code="
         reason_code=reason_code if decision == Review.Decision.OVERRIDE else "",
         reason_text=reason_text,
     )
+    if not audit:
+        return review
     audit_record(
         actor=pathologist,
         action=f"review.{decision}",
@@ -102,10 +106,23 @@ def review_confirm_all(*, case: BiopsyCase, pathologist: User, request=None) -> 
         if case.status == BiopsyCase.Status.SIGNED_OUT:
             raise CaseError("the case is signed out: add an addendum instead")
         pending = case.patches.filter(status=TissuePatch.Status.DONE).exclude(reviews__pathologist=pathologist)
-        return [
-            _review(case=case, patch=patch, pathologist=pathologist, decision=Review.Decision.CONFIRM, request=request)
+        reviews = [
+            _review(case=case, patch=patch, pathologist=pathologist, decision=Review.Decision.CONFIRM, audit=False)
             for patch in pending.order_by("id")
         ]
+        if reviews:
+            # One decision, one event: every patch it confirmed, with the AI's class it accepted.
+            audit_record(
+                actor=pathologist,
+                action="review.confirm_all",
+                target=case,
+                after={
+                    "confirmed": {str(r.patch_id): r.final_label for r in reviews},
+                    "reviews": [r.pk for r in reviews],
+                },
+                request=request,
+            )
+        return reviews
 
 
 def final_labels(case: BiopsyCase) -> dict[int, str]:

@@ -91,7 +91,9 @@ def test_confirm_all_keeps_overrides(ready_case, pathologist):
     review_submit(patch=norm, pathologist=pathologist, decision="override", final_label="MUC", reason_code="other")
     confirmed = review_confirm_all(case=case, pathologist=pathologist)
     assert sorted(r.patch_id for r in confirmed) == [tum.pk, tif.pk]
-    assert len(events("review.confirm")) == 2
+    (event,) = events("review.confirm_all")  # exactly one event for the one decision
+    assert event.after["confirmed"] == {str(tum.pk): "TUM", str(tif.pk): "TUM"}
+    assert event.actor_label == pathologist.username and not events("review.confirm")
     assert Review.objects.get(patch=norm).final_label == "MUC"
 
 
