@@ -27,6 +27,7 @@ from django.conf import settings
 from django.core.files.storage import default_storage
 
 from cases.models import Review
+from cases.review import final_labels
 from inference.core.preprocessing import decode_rgb
 
 MANIFEST = "manifest.csv"
@@ -64,23 +65,29 @@ def reviews_export(
     latest: dict[int, Review] = {}
     for review in reviews:
         latest[review.patch_id] = review  # ordered by id: the last one wins
+    finals: dict[int, dict[int, str]] = {}
     rows = []
     for review in latest.values():
         patch = review.patch
+        if patch.case_id not in finals:
+            finals[patch.case_id] = final_labels(patch.case)
+        final = finals[patch.case_id].get(patch.pk)
+        if final is None:
+            continue  # a second read or an adjudication is still missing: not ground truth yet
         with default_storage.open(patch.storage_name, "rb") as handle:
             image = decode_rgb(handle.read())
         buffer = io.BytesIO()
         image.save(buffer, format="PNG")
         data = buffer.getvalue()
         digest = hashlib.sha256(data).hexdigest()
-        relative = f"{review.final_label}/{digest[:24]}.png"
-        (out / review.final_label).mkdir(parents=True, exist_ok=True)
+        relative = f"{final}/{digest[:24]}.png"
+        (out / final).mkdir(parents=True, exist_ok=True)
         (out / relative).write_bytes(data)
         rows.append(
             {
                 "file": relative,
                 "sha256": digest,
-                "final_label": review.final_label,
+                "final_label": final,
                 "ai_label": review.prediction.label,
                 "ai_scores": json.dumps(review.prediction.scores, sort_keys=True),
                 "model_version": str(review.prediction.model_version),

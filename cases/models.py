@@ -57,6 +57,9 @@ class BiopsyCase(models.Model):
         settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
     )
     created_by_lab = models.ForeignKey(LabSystem, on_delete=models.PROTECT, null=True, blank=True, related_name="+")
+    second_read = models.BooleanField(
+        default=False, help_text="A second pathologist reviews blind to the first; disagreements are adjudicated."
+    )
     assigned_to = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         on_delete=models.PROTECT,
@@ -140,7 +143,14 @@ class Review(models.Model):
     patch = models.ForeignKey(TissuePatch, on_delete=models.PROTECT, related_name="reviews")
     prediction = models.ForeignKey("inference.Prediction", on_delete=models.PROTECT, related_name="reviews")
     pathologist = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+
+    class Read(models.IntegerChoices):
+        FIRST = 1, "First read"
+        SECOND = 2, "Second read (blind)"
+        ADJUDICATION = 3, "Adjudication"
+
     decision = models.CharField(max_length=10, choices=Decision.choices)
+    read = models.PositiveSmallIntegerField(choices=Read.choices, default=Read.FIRST)
     final_label = models.CharField(max_length=32, help_text="The pathologist's class (the AI's when confirmed).")
     reason_code = models.CharField(max_length=20, choices=Reason.choices, blank=True)
     reason_text = models.TextField(blank=True)

@@ -46,10 +46,12 @@ def _review(
     else:
         raise CaseError("decision must be confirm or override")
     previous = patch.reviews.filter(pathologist=pathologist).order_by("-id").first()
+    read = _read_of(case, patch, pathologist)
     review = Review.objects.create(
         patch=patch,
         prediction=prediction,
         pathologist=pathologist,
+        read=read,
         decision=decision,
         final_label=final_label,
         reason_code=reason_code if decision == Review.Decision.OVERRIDE else "",
@@ -63,7 +65,13 @@ def _review(
         target=review,
         institution_id=case.institution_id,
         before={"final_label": previous.final_label, "decision": previous.decision} if previous else None,
-        after={"patch": patch.pk, "ai_label": prediction.label, "final_label": final_label, "decision": decision},
+        after={
+            "patch": patch.pk,
+            "ai_label": prediction.label,
+            "final_label": final_label,
+            "decision": decision,
+            "read": read,
+        },
         reason=" ".join(filter(None, [reason_code, reason_text])),
         request=request,
     )
@@ -125,12 +133,88 @@ def review_confirm_all(*, case: BiopsyCase, pathologist: User, request=None) -> 
         return reviews
 
 
-def final_labels(case: BiopsyCase) -> dict[int, str]:
-    """{patch id: the latest reviewed final class} for the case's reviewed patches."""
-    labels: dict[int, str] = {}
+def _readers(case: BiopsyCase) -> dict[int, int]:
+    """{pathologist id: their read (1 or 2)} of a case, from their reviews (adjudications left out)."""
+    readers: dict[int, int] = {}
+    for pathologist_id, read in (
+        Review.objects.filter(patch__case=case, read__in=[Review.Read.FIRST, Review.Read.SECOND])
+        .order_by("id")
+        .values_list("pathologist_id", "read")
+    ):
+        readers.setdefault(pathologist_id, read)
+    return readers
+
+
+def _read_of(case: BiopsyCase, patch: TissuePatch, pathologist) -> int:
+    """Which read a new review is: the reader's own, the second one, or an adjudication."""
+    if not case.second_read:
+        return Review.Read.FIRST
+    if patch.pk in disagreements(case):
+        return Review.Read.ADJUDICATION
+    readers = _readers(case)
+    if pathologist.pk in readers:
+        return readers[pathologist.pk]
+    if not readers:
+        return Review.Read.FIRST
+    if len(readers) == 1:
+        return Review.Read.SECOND
+    raise NotAllowed("two pathologists are reading this case already; a third can only adjudicate disagreements")
+
+
+def _latest_reads(case: BiopsyCase) -> dict[int, dict[int, Review]]:
+    """{patch id: {read: that read's latest review}}."""
+    reads: dict[int, dict[int, Review]] = {}
     for review in Review.objects.filter(patch__case=case).order_by("id"):
-        labels[review.patch_id] = review.final_label
+        reads.setdefault(review.patch_id, {})[review.read] = review
+    return reads
+
+
+def disagreements(case: BiopsyCase) -> set[int]:
+    """Patches whose first and second reads differ and are not adjudicated yet."""
+    if not case.second_read:
+        return set()
+    return {
+        patch_id
+        for patch_id, reads in _latest_reads(case).items()
+        if {1, 2} <= set(reads) and reads[1].final_label != reads[2].final_label and 3 not in reads
+    }
+
+
+def final_labels(case: BiopsyCase) -> dict[int, str]:
+    """{patch id: final class} for the patches whose review is complete: the latest review, or with
+    a second read, the two reads' common class or the adjudication."""
+    labels: dict[int, str] = {}
+    for patch_id, reads in _latest_reads(case).items():
+        latest = max(reads.values(), key=lambda r: r.pk)
+        if not case.second_read:
+            labels[patch_id] = latest.final_label
+        elif 3 in reads:
+            labels[patch_id] = reads[3].final_label
+        elif {1, 2} <= set(reads) and reads[1].final_label == reads[2].final_label:
+            labels[patch_id] = reads[1].final_label
     return labels
+
+
+def case_request_second_read(*, case: BiopsyCase, by: User, request=None) -> BiopsyCase:
+    """Ask for a blind second read of a case not yet signed out."""
+    if by.role not in {User.Role.PATHOLOGIST, User.Role.ADMIN}:
+        raise NotAllowed("only a pathologist or an administrator can request a second read")
+    with transaction.atomic():
+        case = _locked_case(case)
+        if case.status == BiopsyCase.Status.SIGNED_OUT:
+            raise CaseError("the case is signed out")
+        if not case.second_read:
+            case.second_read = True
+            case.save(update_fields=["second_read", "updated_at"])
+            audit_record(
+                actor=by,
+                action="case.second_read",
+                target=case,
+                before={"second_read": False},
+                after={"second_read": True},
+                request=request,
+            )
+    return case
 
 
 def case_sign_out(*, case: BiopsyCase, pathologist: User, conclusion: str, comment: str = "", request=None) -> SignOut:
@@ -146,6 +230,11 @@ def case_sign_out(*, case: BiopsyCase, pathologist: User, conclusion: str, comme
             raise CaseError("the case is not ready for review yet")
         labels = final_labels(case)
         unreviewed = case.patches.filter(status=TissuePatch.Status.DONE).exclude(pk__in=labels).count()
+        if unreviewed and case.second_read:
+            raise CaseError(
+                f"{unreviewed} analysed patch(es) await a review, the second read or adjudication "
+                f"({len(disagreements(case))} disagreement(s))"
+            )
         if unreviewed:
             raise CaseError(f"{unreviewed} analysed patch(es) are not reviewed yet")
         fraction = (sum(label == "TUM" for label in labels.values()) / len(labels)) if labels else 0.0

@@ -16,6 +16,7 @@ urlpatterns = [
     path("<int:pk>/patches/<int:patch_id>/heatmap/<str:label>/", views.patch_heatmap, name="patch_heatmap"),
     path("<int:pk>/patches/<int:patch_id>/review/", views.patch_review, name="patch_review"),
     path("<int:pk>/confirm-all/", views.case_confirm_all, name="confirm_all"),
+    path("<int:pk>/second-read/", views.case_second_read, name="second_read"),
     path("<int:pk>/sign-out/", views.case_sign_out_view, name="sign_out"),
     path("<int:pk>/addenda/", views.case_addendum, name="addendum"),
 ]

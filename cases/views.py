@@ -23,7 +23,9 @@ from cases.review import (
     NotAllowed,
     addendum_add,
     case_assign,
+    case_request_second_read,
     case_sign_out,
+    disagreements,
     final_labels,
     review_confirm_all,
     review_submit,
@@ -112,12 +114,23 @@ def _render_case(
 ):
     patches = list(case.patches.all())
     labels_by_patch = final_labels(case)
-    mine = {r.patch_id: r for r in Review.objects.filter(patch__case=case).order_by("id")}
+    reviews = Review.objects.filter(patch__case=case).select_related("pathologist").order_by("id")
+    if case.second_read:
+        # Blind: each reader sees only their own reviews until the reads are compared.
+        mine = {r.patch_id: r for r in reviews if r.pathologist_id == request.user.pk}
+    else:
+        mine = {r.patch_id: r for r in reviews}
+    disagreeing = disagreements(case)
+    reads_by_patch: dict[int, list] = {}
+    for review in reviews:
+        reads_by_patch.setdefault(review.patch_id, []).append(review)
     history = case_history(case=case, patch_ids=[p.pk for p in patches])
     for patch in patches:
         patch.latest_prediction = next(iter(patch.predictions.all()), None)
         patch.review = mine.get(patch.pk)
         patch.final_label = labels_by_patch.get(patch.pk)
+        patch.disagreement = patch.pk in disagreeing
+        patch.reads = reads_by_patch.get(patch.pk, []) if patch.disagreement else []
         if patch.latest_prediction:
             patch.sorted_scores = sorted(patch.latest_prediction.scores.items(), key=lambda kv: -kv[1])
     pending = any(p.status in TissuePatch.PENDING for p in patches)
@@ -139,6 +152,8 @@ def _render_case(
             "conclusions": SignOut.Conclusion.choices,
             "reasons": Review.Reason.choices,
             "unreviewed": sum(1 for p in patches if p.latest_prediction and p.pk not in labels_by_patch),
+            "my_unreviewed": sum(1 for p in patches if p.latest_prediction and p.pk not in mine),
+            "disagreements": len(disagreeing),
         },
         status=status or (400 if upload_errors else 200),
     )
@@ -362,3 +377,13 @@ def agreement_chart(request):
     response = HttpResponse(buffer.getvalue(), content_type="image/png")
     response["Cache-Control"] = "private, no-store"
     return response
+
+
+@login_required
+@require_POST
+def case_second_read(request, pk: int):
+    def action(case):
+        case_request_second_read(case=case, by=request.user, request=request)
+        return "Second read requested: another pathologist reviews blind; disagreements are adjudicated."
+
+    return _act(request, pk, action)

@@ -42,7 +42,7 @@ def test_confirm_records_one_review_and_one_audit_event(ready_case, pathologist)
     assert (review.final_label, review.decision) == ("TUM", "confirm")
     (event,) = events("review.confirm")
     assert event.actor_label == pathologist.username and event.before is None
-    assert event.after == {"patch": tum.pk, "ai_label": "TUM", "final_label": "TUM", "decision": "confirm"}
+    assert event.after == {"patch": tum.pk, "ai_label": "TUM", "final_label": "TUM", "decision": "confirm", "read": 1}
 
 
 def test_override_keeps_the_original_prediction(ready_case, pathologist):
@@ -176,3 +176,34 @@ def test_case_page_review_flow_for_a_pathologist(ready_case, pathologist, client
     assert "Signed out: Adenocarcinoma present" in page and "override: Wrong class, mucin pools" in page
     bad = client.post(f"/cases/{case.pk}/addenda/", {"text": "", "reason": ""})
     assert bad.status_code == 400 and "needs its text and a reason" in bad.content.decode()
+
+
+def test_second_read_is_blind_flags_disagreements_and_needs_adjudication(ready_case, pathologist, institution, client):
+    case, (tum, norm, tif) = ready_case
+    from cases.review import case_request_second_read, disagreements, final_labels
+
+    second = make_user(institution, User.Role.PATHOLOGIST, username="second-reader")
+    case = case_request_second_read(case=case, by=pathologist)
+    review_confirm_all(case=case, pathologist=pathologist)
+    assert final_labels(case) == {}  # one read is not enough any more
+    client.force_login(second)
+    page = client.get(f"/cases/{case.pk}/").content.decode()
+    assert "Pathologist: <strong>" not in page and "Confirm all unreviewed (3)" in page  # blind to the first read
+
+    review_submit(patch=norm, pathologist=second, decision="override", final_label="MUC", reason_code="wrong_class")
+    review_confirm_all(case=case, pathologist=second)
+    assert Review.objects.filter(pathologist=second).values_list("read", flat=True).distinct().get() == 2
+    assert disagreements(case) == {norm.pk}
+    assert final_labels(case) == {tum.pk: "TUM", tif.pk: "TUM"}
+    with pytest.raises(CaseError, match="1 disagreement"):
+        case_sign_out(case=case, pathologist=pathologist, conclusion="adenocarcinoma")
+    page = client.get(f"/cases/{case.pk}/").content.decode()
+    assert "Readers disagree" in page
+
+    third = make_user(institution, User.Role.PATHOLOGIST, username="third-reader")
+    with pytest.raises(NotAllowed, match="only adjudicate"):
+        review_submit(patch=tum, pathologist=third, decision="confirm")
+    adjudication = review_submit(patch=norm, pathologist=third, decision="confirm")
+    assert adjudication.read == 3 and final_labels(case)[norm.pk] == "NORM" and not disagreements(case)
+    case_sign_out(case=case, pathologist=pathologist, conclusion="adenocarcinoma")
+    assert [e.after["read"] for e in events("review.override")] == [2]
