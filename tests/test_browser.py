@@ -122,3 +122,39 @@ def test_clinician_creates_case_uploads_and_sees_results(browser, live_server, i
     browser.find_element(By.CSS_SELECTOR, "input[name=overlay][value=none]").click()
     assert not any(o.is_displayed() for o in overlays)
     browser.save_screenshot(str(tmp_path / "done.png"))
+
+
+def test_pathologist_reviews_with_shortcuts_and_signs_out(browser, live_server, institution, demo_model, clinician):
+    from selenium.webdriver.common.by import By
+
+    from cases.services import patch_upload
+    from tests.conftest import new_case
+
+    case = new_case(clinician, accession="S26-PATH")
+    files = [(n, fixture_patch(n).read_bytes()) for n in ("TUM-TCGA-KECNIDCQ.png", "NORM-TCGA-INTLNRAV.png")]
+    patches = patch_upload(case=case, uploaded_by=clinician, files=files).patches
+    services.prediction_run(patch_ids=[p.pk for p in patches])
+    make_user(institution, User.Role.PATHOLOGIST, username="dr-path")
+
+    browser.get(f"{live_server.url}/login/")
+    browser.find_element(By.ID, "id_username").send_keys("dr-path")
+    browser.find_element(By.ID, "id_password").send_keys("not-a-real-pass-1")
+    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    _wait_text(browser, "h1", "Cases")
+    browser.get(f"{live_server.url}/cases/worklist/")
+    _wait_text(browser, "#worklist", "S26-PATH")
+    browser.find_element(By.LINK_TEXT, "S26-PATH").click()
+    _wait_text(browser, "h1", "Case S26-PATH")
+    sign_out = browser.find_element(By.CSS_SELECTOR, "#sign-out-form button[type=submit]")
+    assert not sign_out.is_enabled()  # every patch must be reviewed first
+
+    browser.find_element(By.TAG_NAME, "body").send_keys("c")  # confirm the next unreviewed patch
+    _wait_text(browser, ".messages", "confirmed as TUM")
+    browser.find_element(By.TAG_NAME, "body").send_keys("a")  # confirm all the rest
+    _wait_text(browser, ".messages", "Confirmed 1 patch(es)")
+    assert _texts(browser, ".patch .final strong") == ["TUM", "NORM"]
+    browser.find_element(By.ID, "id_comment").send_keys("Invasive adenocarcinoma.")
+    browser.find_element(By.CSS_SELECTOR, "#sign-out-form button[type=submit]").click()
+    _wait_text(browser, "#sign-out h2", "Signed out: Adenocarcinoma present")
+    assert not browser.find_elements(By.CSS_SELECTOR, "form.review")  # read-only now
+    assert "Invasive adenocarcinoma." in browser.find_element(By.ID, "sign-out").text
