@@ -2,6 +2,7 @@ from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin
 
 from accounts.models import Institution, LabSystem, User
+from accounts.permissions import InstitutionScopedAdmin
 from accounts.services import lab_system_revoke
 
 
@@ -12,7 +13,7 @@ class InstitutionAdmin(admin.ModelAdmin):
 
 
 @admin.register(User)
-class CloudiopsyUserAdmin(UserAdmin):
+class CloudiopsyUserAdmin(InstitutionScopedAdmin, UserAdmin):
     list_display = ["username", "email", "institution", "role", "is_active", "is_staff"]
     list_filter = ["institution", "role", "is_active", "is_staff"]
     fieldsets = (*UserAdmin.fieldsets, ("Institution", {"fields": ["institution", "role"]}))
@@ -20,7 +21,7 @@ class CloudiopsyUserAdmin(UserAdmin):
 
 
 @admin.register(LabSystem)
-class LabSystemAdmin(admin.ModelAdmin):
+class LabSystemAdmin(InstitutionScopedAdmin, admin.ModelAdmin):
     list_display = ["name", "institution", "token_hint", "scopes", "expires_at", "last_used_at", "revoked_at"]
     list_filter = ["institution"]
     readonly_fields = ["token_hint", "created_at", "last_used_at", "revoked_at"]

@@ -32,3 +32,22 @@ class HasScope(BasePermission):
             return True
         self.message = f"This token lacks the '{needed}' scope."
         return False
+
+
+class InstitutionScopedAdmin:
+    """Django-admin mixin: staff who are not superusers see only their own institution's rows.
+
+    ``institution_lookup`` names the path from the model to its institution id. Superusers
+    (platform operators) see everything.
+    """
+
+    institution_lookup = "institution_id"
+
+    def get_queryset(self, request):
+        queryset = super().get_queryset(request)
+        if request.user.is_superuser:
+            return queryset
+        institution = getattr(request.user, "institution_id", None)
+        if institution is None:
+            return queryset.none()
+        return queryset.filter(**{self.institution_lookup: institution})

@@ -1,11 +1,12 @@
 from django.contrib import admin
 
+from accounts.permissions import InstitutionScopedAdmin
 from audit.models import AuditEvent
 from inference.admin import ReadOnlyAdmin
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(ReadOnlyAdmin):
+class AuditEventAdmin(InstitutionScopedAdmin, ReadOnlyAdmin):
     """Browse and filter the trail. Nothing here can change it (and the database refuses to)."""
 
     list_display = [

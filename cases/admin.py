@@ -1,10 +1,11 @@
 from django.contrib import admin
 
+from accounts.permissions import InstitutionScopedAdmin
 from cases.models import BiopsyCase, Patient, TissuePatch
 
 
 @admin.register(Patient)
-class PatientAdmin(admin.ModelAdmin):
+class PatientAdmin(InstitutionScopedAdmin, admin.ModelAdmin):
     list_display = ["mrn", "name", "institution", "birth_date", "sex"]
     list_filter = ["institution"]
     search_fields = ["mrn", "name"]
@@ -22,7 +23,7 @@ class TissuePatchInline(admin.TabularInline):
 
 
 @admin.register(BiopsyCase)
-class BiopsyCaseAdmin(admin.ModelAdmin):
+class BiopsyCaseAdmin(InstitutionScopedAdmin, admin.ModelAdmin):
     list_display = ["accession", "institution", "patient", "status", "priority", "created_at"]
     list_filter = ["institution", "status", "priority"]
     search_fields = ["accession", "patient__mrn"]

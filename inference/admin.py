@@ -3,6 +3,7 @@ import json
 from django.contrib import admin
 from django.utils.html import format_html
 
+from accounts.permissions import InstitutionScopedAdmin
 from inference.core.card import model_card
 from inference.models import ModelActivation, ModelVersion, Prediction, WorkerHeartbeat
 
@@ -70,8 +71,10 @@ class ReadOnlyAdmin(admin.ModelAdmin):
 
 
 @admin.register(Prediction)
-class PredictionAdmin(ReadOnlyAdmin):
+class PredictionAdmin(InstitutionScopedAdmin, ReadOnlyAdmin):
     """A prediction is the AI's record and is never edited."""
+
+    institution_lookup = "patch__case__institution_id"
 
     list_display = ["patch", "label", "needs_attention", "model_version", "created_at"]
     list_filter = ["model_version", "label", "needs_attention"]

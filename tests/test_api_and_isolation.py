@@ -183,3 +183,21 @@ def test_web_case_creation_with_new_then_existing_patient(clinician_client):
     assert duplicate.status_code == 400 and b"already exists" in duplicate.content
     page = clinician_client.get(f"/cases/{case.pk}/")
     assert b"W-0001" in page.content and b"Web Patient" in page.content
+
+
+def test_admin_staff_of_an_institution_see_only_its_rows(client, institution, other_case):
+    from django.contrib.auth.models import Permission
+
+    new_case(make_user(institution, User.Role.CLINICIAN, username="ours"), accession="OURS-1", mrn="O-1")
+    staff = make_user(institution, User.Role.ADMIN, username="hospital-admin")
+    staff.is_staff = True
+    staff.save()
+    staff.user_permissions.add(
+        *Permission.objects.filter(codename__in=["view_biopsycase", "view_patient", "view_user"])
+    )
+    client.force_login(staff)
+    cases = client.get("/admin/cases/biopsycase/").content.decode()
+    assert "OURS-1" in cases and "B-0001" not in cases
+    patients = client.get("/admin/cases/patient/").content.decode()
+    assert "O-1" in patients and "Other Patient" not in patients and "B-1" not in patients
+    assert client.get(f"/admin/cases/biopsycase/{other_case.pk}/change/").status_code in {302, 404}

@@ -1,11 +1,13 @@
 from django.contrib import admin
 
+from accounts.permissions import InstitutionScopedAdmin
 from inference.admin import ReadOnlyAdmin
 from webhooks.models import WebhookDelivery, WebhookEndpoint
 
 
 @admin.register(WebhookEndpoint)
-class WebhookEndpointAdmin(admin.ModelAdmin):
+class WebhookEndpointAdmin(InstitutionScopedAdmin, admin.ModelAdmin):
+    institution_lookup = "lab_system__institution_id"
     list_display = ["lab_system", "url", "active", "created_at"]
     list_filter = ["active"]
     fields = ["lab_system", "url", "active", "created_at"]
@@ -16,7 +18,8 @@ class WebhookEndpointAdmin(admin.ModelAdmin):
 
 
 @admin.register(WebhookDelivery)
-class WebhookDeliveryAdmin(ReadOnlyAdmin):
+class WebhookDeliveryAdmin(InstitutionScopedAdmin, ReadOnlyAdmin):
+    institution_lookup = "case__institution_id"
     """The delivery log: every event, its attempts and the receiver's last answer."""
 
     list_display = ["created_at", "event", "case", "endpoint", "status", "attempts", "last_status_code", "delivered_at"]
