@@ -357,10 +357,7 @@ def agreement(request):
 def agreement_chart(request):
     """Weekly agreement as a server-rendered PNG chart (matplotlib; no CDN, no script)."""
     _require_admin(request)
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # drawn off-screen: no pyplot, no global backend
 
     weeks = agreement_stats(institution=institution_of(request.user))["per_week"]
     figure = Figure(figsize=(7, 3), dpi=100)

@@ -13,7 +13,7 @@ from http import HTTPStatus
 
 from django.db import IntegrityError, transaction
 from django.http import JsonResponse
-from rest_framework import exceptions, status
+from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.throttling import SimpleRateThrottle
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -185,6 +185,3 @@ class LabSystemRateThrottle(SimpleRateThrottle):
         if not isinstance(request.user, LabSystem):
             return None  # staff sessions are not throttled here
         return self.cache_format % {"scope": self.scope, "ident": request.user.pk}
-
-
-__all__ = ["exception_handler", "idempotent", "not_found", "problem_response", "server_error", "status"]

@@ -335,14 +335,13 @@ def evaluate(
     }
 
 
-def _pyplot():
-    import matplotlib
+def _axes(width: float, height: float):
+    """A figure and its axes, drawn off-screen. Uses matplotlib's Figure directly (not pyplot), so
+    it neither switches the process-wide backend nor keeps figures alive in pyplot's registry."""
+    from matplotlib.figure import Figure
 
-    # Agg renders to files without a display (servers, workers, CI).
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
 
 
 def save_confusion_matrix(path: str | Path, report: dict[str, Any]) -> Path:
@@ -355,7 +354,6 @@ def save_confusion_matrix(path: str | Path, report: dict[str, Any]) -> Path:
     Returns:
         The written path.
     """
-    plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     classes = report["classes"]
@@ -364,24 +362,21 @@ def save_confusion_matrix(path: str | Path, report: dict[str, Any]) -> Path:
     rows = matrix.sum(axis=1, keepdims=True)
     rates = np.divide(matrix, rows, out=np.zeros_like(matrix), where=rows > 0)
     size = max(4.0, 0.6 * len(classes) + 2.5)
-    fig, ax = plt.subplots(figsize=(size, size))
-    try:
-        image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
-        fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
-        ticks = np.arange(len(classes))
-        ax.set_xticks(ticks, labels=classes, rotation=45, ha="right")
-        ax.set_yticks(ticks, labels=classes)
-        ax.set_xlabel("predicted")
-        ax.set_ylabel("true")
-        for i in range(len(classes)):
-            for j in range(len(classes)):
-                colour = "white" if rates[i, j] > 0.5 else "black"
-                ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", color=colour, fontsize=8)
-        ax.set_title(f"Confusion matrix (n = {report['n']}, accuracy {report['accuracy']:.3f})")
-        fig.tight_layout()
-        fig.savefig(path, format="png", dpi=120)
-    finally:
-        plt.close(fig)
+    fig, ax = _axes(size, size)
+    image = ax.imshow(rates, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label="fraction of true class")
+    ticks = np.arange(len(classes))
+    ax.set_xticks(ticks, labels=classes, rotation=45, ha="right")
+    ax.set_yticks(ticks, labels=classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            colour = "white" if rates[i, j] > 0.5 else "black"
+            ax.text(j, i, str(int(matrix[i, j])), ha="center", va="center", color=colour, fontsize=8)
+    ax.set_title(f"Confusion matrix (n = {report['n']}, accuracy {report['accuracy']:.3f})")
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
     return path
 
 
@@ -412,31 +407,27 @@ def save_roc_curves(
     Returns:
         The written path.
     """
-    plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     probabilities = np.asarray(probabilities, dtype=np.float64)
     truth = _label_indices(labels, classes)
-    fig, ax = plt.subplots(figsize=(6, 6))
-    try:
-        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
-        for i, name in enumerate(classes):
-            positives = truth == i
-            auc = roc_auc_binary(probabilities[:, i], positives)
-            if auc is None:
-                continue
-            fpr, tpr = _roc_points(probabilities[:, i], positives)
-            ax.plot(fpr, tpr, linewidth=1.5, label=f"{name} (AUC {auc:.3f})")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1.01)
-        ax.set_xlabel("false positive rate")
-        ax.set_ylabel("true positive rate")
-        ax.set_title("ROC curves (one vs rest)")
-        ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, format="png", dpi=120)
-    finally:
-        plt.close(fig)
+    fig, ax = _axes(6, 6)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
+    for i, name in enumerate(classes):
+        positives = truth == i
+        auc = roc_auc_binary(probabilities[:, i], positives)
+        if auc is None:
+            continue
+        fpr, tpr = _roc_points(probabilities[:, i], positives)
+        ax.plot(fpr, tpr, linewidth=1.5, label=f"{name} (AUC {auc:.3f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("ROC curves (one vs rest)")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
     return path
 
 
@@ -460,7 +451,6 @@ def save_reliability_diagram(
     Returns:
         The written path. The title carries the ECE computed with the same bins.
     """
-    plt = _pyplot()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     probabilities = np.asarray(probabilities, dtype=np.float64)
@@ -482,30 +472,27 @@ def save_reliability_diagram(
     width = 1.0 / bins
     lefts = np.arange(bins) * width
     filled = counts > 0
-    fig, ax = plt.subplots(figsize=(6, 6))
-    try:
-        ax.bar(lefts[filled], accuracy[filled], width=width, align="edge", edgecolor="black", label="accuracy")
-        ax.bar(
-            lefts[filled],
-            mean_conf[filled] - accuracy[filled],
-            bottom=accuracy[filled],
-            width=width,
-            align="edge",
-            color="red",
-            alpha=0.3,
-            label="gap to confidence",
-        )
-        ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
-        ax.set_xlim(0, 1)
-        ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence (top-label probability)")
-        ax.set_ylabel("accuracy")
-        ax.set_title(f"Reliability diagram (ECE {ece:.4f}, {bins} bins, n = {len(truth)})")
-        ax.legend(loc="upper left", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(path, format="png", dpi=120)
-    finally:
-        plt.close(fig)
+    fig, ax = _axes(6, 6)
+    ax.bar(lefts[filled], accuracy[filled], width=width, align="edge", edgecolor="black", label="accuracy")
+    ax.bar(
+        lefts[filled],
+        mean_conf[filled] - accuracy[filled],
+        bottom=accuracy[filled],
+        width=width,
+        align="edge",
+        color="red",
+        alpha=0.3,
+        label="gap to confidence",
+    )
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-label probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"Reliability diagram (ECE {ece:.4f}, {bins} bins, n = {len(truth)})")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, format="png", dpi=120)
     return path
 
 
