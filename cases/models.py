@@ -104,6 +104,11 @@ class TissuePatch(models.Model):
     um_per_px = models.FloatField(null=True, blank=True, help_text="Micrometres per pixel, when known.")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.QUEUED, db_index=True)
     failure_reason = models.TextField(blank=True, help_text="Why analysis failed or the patch is unassessable.")
+    failure_code = models.CharField(
+        max_length=32,
+        blank=True,
+        help_text="The quality check an unassessable patch failed (blank, background, out_of_focus, not_he).",
+    )
     enqueued_at = models.DateTimeField(help_text="When analysis was last requested.")
     claimed_at = models.DateTimeField(null=True, blank=True, help_text="When a worker last claimed it.")
     claim_token = models.UUIDField(null=True, blank=True, editable=False)

@@ -169,6 +169,13 @@ ANALYSIS_STALE_AFTER_SECONDS = env_int("ANALYSIS_STALE_AFTER_SECONDS", 600)
 RECONCILE_INTERVAL_SECONDS = env_int("RECONCILE_INTERVAL_SECONDS", 60)
 WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 10)
 
+# Trust at each site. A model version's results count as validated at an institution only after a
+# passing `validate_site` there: at least this many patches of each class, tumour sensitivity at or
+# above the target. Off DEBUG, activating a version not validated at every institution needs --force.
+SITE_VALIDATION_MIN_PER_CLASS = env_int("SITE_VALIDATION_MIN_PER_CLASS", 100)
+SITE_TARGET_SENSITIVITY = float(env_str("SITE_TARGET_SENSITIVITY", "0.98"))
+REQUIRE_SITE_VALIDATION = env_bool("REQUIRE_SITE_VALIDATION", not DEBUG)
+
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://")
 BROKER_DIR = DATA_DIR / "broker"
 if CELERY_BROKER_URL.startswith("filesystem://"):

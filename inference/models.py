@@ -66,6 +66,27 @@ class Prediction(models.Model):
         help_text="{class: grid of local probabilities 0..1} for the predicted class and TUM (class activation map).",
     )
     inference_seconds = models.FloatField(help_text="Model time for this patch (batch time / batch size).")
+    suspected_tumour = models.BooleanField(
+        null=True,
+        help_text="TUM probability at or above the threshold below; empty for a model without a TUM class.",
+    )
+    tumour_threshold = models.FloatField(
+        null=True, blank=True, help_text="The TUM-probability threshold this prediction was judged by, 0..1."
+    )
+    site_validation = models.ForeignKey(
+        "SiteValidation",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="predictions",
+        help_text="The passing site validation whose threshold applied; empty: not validated at this site "
+        "(the model's default threshold applied).",
+    )
+    input_stats = models.JSONField(
+        default=dict,
+        blank=True,
+        help_text="Input statistics for drift monitoring: mean optical density of haematoxylin and eosin.",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
@@ -74,6 +95,10 @@ class Prediction(models.Model):
 
     def __str__(self) -> str:
         return f"{self.patch_id}: {self.label}"
+
+    @property
+    def validated_at_site(self) -> bool:
+        return self.site_validation_id is not None
 
 
 class ModelActivation(models.Model):
@@ -104,3 +129,47 @@ class WorkerHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return self.hostname
+
+
+class SiteValidation(models.Model):
+    """A model version measured on one institution's own labelled tissue, and the operating point
+    (TUM-probability threshold for "suspected tumour") chosen for that institution from it.
+
+    Append-only: a new validation supersedes an older one; the latest passing one applies.
+    """
+
+    institution = models.ForeignKey("accounts.Institution", on_delete=models.PROTECT, related_name="site_validations")
+    model_version = models.ForeignKey(ModelVersion, on_delete=models.PROTECT, related_name="site_validations")
+    data_source = models.CharField(
+        max_length=500, help_text="What was measured: a folder path, or 'reviews' for the site's reviewed patches."
+    )
+    data_manifest_sha256 = models.CharField(
+        max_length=64, help_text="SHA-256 of the sorted (class, file SHA-256) list of the images measured."
+    )
+    counts = models.JSONField(help_text="{class: number of images measured}.")
+    metrics = models.JSONField(
+        help_text="Accuracy, per-class sensitivity/specificity with Wilson 95% intervals, ROC AUC with a "
+        "bootstrap interval, ECE and reliability bins, QC rejections, and the input baseline for drift."
+    )
+    target_sensitivity = models.FloatField(help_text="Tumour sensitivity the operating point must reach, 0..1.")
+    threshold = models.FloatField(
+        help_text="TUM probability (calibrated, 0..1) at or above which a patch is 'suspected tumour' at this site."
+    )
+    sensitivity = models.FloatField(help_text="Tumour sensitivity on the data at the chosen threshold.")
+    specificity = models.FloatField(help_text="Specificity (NORM called not suspected) at the chosen threshold.")
+    passed = models.BooleanField(
+        help_text="Enough patches per class (SITE_VALIDATION_MIN_PER_CLASS) and the target sensitivity reached: "
+        "results of this model are trusted at this site."
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, null=True, blank=True, related_name="+"
+    )
+    actor = models.CharField(max_length=150, help_text="Who ran it, as recorded (user name or 'system: ...').")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["institution", "model_version", "-created_at"], name="site_validation_latest")]
+
+    def __str__(self) -> str:
+        return f"{self.model_version} at {self.institution}: threshold {self.threshold:.3f}"

@@ -29,6 +29,7 @@ from inference.core.datasets import CANONICAL_CLASSES
 from inference.core.model import MODEL_FILE, SERVING_FILE, Predictor, file_sha256, read_metadata, verify_files
 from inference.core.pipeline import PatchOutcome
 from inference.models import ModelActivation, ModelVersion, Prediction
+from inference.selectors import operating_point
 
 logger = logging.getLogger(__name__)
 
@@ -246,6 +247,14 @@ def prediction_run(*, patch_ids: list[int]) -> dict[str, int]:
     return counts
 
 
+INPUT_STATS = ("od_h", "od_e", "sharpness", "he_fraction", "background_fraction")
+
+
+def input_stats(measures: dict[str, float]) -> dict[str, float]:
+    """The quality measures kept with a prediction for drift monitoring (stain OD, focus, tissue)."""
+    return {key: round(float(measures[key]), 5) for key in INPUT_STATS if key in measures}
+
+
 def _audit_status(patch: TissuePatch, before: str, after: str, reason: str = "", **extra) -> None:
     audit_record(
         actor=WORKER,
@@ -272,6 +281,11 @@ def _analyse(patches: list[TissuePatch], predictor: Predictor) -> list[tuple[Tis
 
 def _store(outcomes: list[tuple[TissuePatch, PatchOutcome]], version: ModelVersion, token: uuid.UUID) -> None:
     case_ids = sorted({patch.case_id for patch, _ in outcomes})
+    # One operating point per institution in the batch: its validated threshold, or the model's default.
+    points = {
+        institution_id: operating_point(institution_id=institution_id, model_version=version)
+        for institution_id in sorted({patch.case.institution_id for patch, _ in outcomes})
+    }
     with transaction.atomic():
         # Lock the cases so that two workers finishing a case's last patches cannot both miss
         # the moment every patch has a result.
@@ -279,11 +293,12 @@ def _store(outcomes: list[tuple[TissuePatch, PatchOutcome]], version: ModelVersi
         for patch, outcome in outcomes:
             if outcome.prediction is None:
                 if TissuePatch.objects.filter(pk=patch.pk, claim_token=token).update(
-                    status=outcome.status, failure_reason=outcome.reason
+                    status=outcome.status, failure_reason=outcome.reason, failure_code=outcome.reason_code
                 ):
                     _audit_status(patch, TissuePatch.Status.RUNNING, outcome.status, outcome.reason)
                 continue
             try:
+                point = points[patch.case.institution_id]
                 with transaction.atomic():
                     prediction = Prediction.objects.create(
                         patch=patch,
@@ -294,6 +309,10 @@ def _store(outcomes: list[tuple[TissuePatch, PatchOutcome]], version: ModelVersi
                         needs_attention=outcome.prediction.needs_attention,
                         heatmaps=outcome.prediction.heatmaps,
                         inference_seconds=outcome.prediction.seconds,
+                        suspected_tumour=point.suspected(outcome.prediction.scores),
+                        tumour_threshold=point.threshold,
+                        site_validation=point.validation,
+                        input_stats=input_stats(outcome.measures),
                     )
                     audit_record(
                         actor=WORKER,
@@ -306,6 +325,9 @@ def _store(outcomes: list[tuple[TissuePatch, PatchOutcome]], version: ModelVersi
                             "label": prediction.label,
                             "scores": prediction.scores,
                             "needs_attention": prediction.needs_attention,
+                            "suspected_tumour": prediction.suspected_tumour,
+                            "tumour_threshold": prediction.tumour_threshold,
+                            "validated_at_site": point.validated,
                         },
                     )
             except IntegrityError:

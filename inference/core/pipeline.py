@@ -3,7 +3,7 @@ batched inference -> results. Django-free, so the benchmark measures exactly thi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -21,6 +21,8 @@ class PatchOutcome:
     status: str
     reason: str = ""
     prediction: PatchPrediction | None = None
+    reason_code: str = ""  # the quality check that failed (blank, background, out_of_focus, not_he)
+    measures: dict[str, float] = field(default_factory=dict)  # quality.measure: focus, stain OD
 
 
 def prepare(predictor: Predictor, images: list[bytes]) -> tuple[list[PatchOutcome], np.ndarray | None]:
@@ -35,9 +37,11 @@ def prepare(predictor: Predictor, images: list[bytes]) -> tuple[list[PatchOutcom
             continue
         quality = assess(image)
         if not quality.ok:
-            outcomes.append(PatchOutcome(UNASSESSABLE, quality.reason))
+            outcomes.append(
+                PatchOutcome(UNASSESSABLE, quality.reason, reason_code=quality.code, measures=quality.measures)
+            )
             continue
-        outcomes.append(PatchOutcome(DONE))
+        outcomes.append(PatchOutcome(DONE, measures=quality.measures))
         decoded.append(image)
     batch = preprocess(decoded, predictor.input_size, predictor.preprocessing) if decoded else None
     return outcomes, batch

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
+from inference.core.augment import HED_FROM_RGB as _HED_FROM_RGB
+
 # Side of the square working copy every measure is computed on. 224 px inputs are sampled every
 # second pixel, 150 px inputs every 1.34 pixels.
 WORK_SIZE = 112
@@ -104,7 +106,8 @@ def measure(image: Image.Image) -> dict[str, float]:
 
     Returns:
         ``grey_std``, ``background_fraction``, ``sharpness`` and ``he_fraction`` as plain floats
-        (``sharpness`` and ``he_fraction`` are 0.0 when there are no tissue pixels).
+        (``sharpness`` and ``he_fraction`` are 0.0 when there are no tissue pixels), and, when there
+        are tissue pixels, ``od_h`` and ``od_e``: the mean optical density of haematoxylin and eosin.
     """
     # Speed: every temporary array stays well under 128 KB (larger ones are fresh mmap'd pages,
     # which cost more to fault in than the arithmetic on them).
@@ -165,6 +168,12 @@ def measure(image: Image.Image) -> dict[str, float]:
         # Hue within [min, max] (a span under 180 deg): counter-clockwise of min and clockwise of max.
         in_range = (y * _F32(_HUE_LO[0]) >= x * _F32(_HUE_LO[1])) & (x * _F32(_HUE_HI[1]) >= y * _F32(_HUE_HI[0]))
         measures["he_fraction"] = int(np.count_nonzero(coloured & in_range & tissue)) / n_sampled
+        # Mean optical density of each stain over tissue (colour deconvolution, Ruifrok & Johnston):
+        # the input statistics that drift monitoring compares week by week.
+        od = np.stack((od_r[tissue], od_g[tissue], od_b[tissue]), axis=1)
+        stains = od.mean(axis=0) @ _HED_FROM_RGB[:, :2]
+        measures["od_h"] = float(stains[0])
+        measures["od_e"] = float(stains[1])
     return measures
 
 
