@@ -23,7 +23,7 @@ import hashlib
 import json
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -99,6 +99,20 @@ def class_of_folder(name: str) -> str | None:
     return FOLDER_TO_CLASS.get(_folder_key(name))
 
 
+KATHER2016_FOLDERS = {"01_TUMOR", "02_STROMA", "06_MUCOSA", "08_EMPTY"}
+KATHER2016_UM_PER_PX = 0.495
+KATHER2016_TILE_PX = 150
+
+
+def kather2016_um_per_px(first_image: Path) -> float:
+    """Scale of a Kather 2016 tile folder from its tiles' width: every tile covers 150 px x 0.495 µm
+    = 74 µm of tissue, so a resampled copy (e.g. the 224 px TFDS export: 0.33 µm/px) keeps its
+    true scale instead of being taken for 0.495 µm/px."""
+    with Image.open(first_image) as image:
+        width = image.size[0]
+    return round(KATHER2016_UM_PER_PX * KATHER2016_TILE_PX / width, 4) if width else KATHER2016_UM_PER_PX
+
+
 def source_um_per_px(root: Path, folder_names: list[str]) -> float | None:
     """A dataset's scale in µm/px: ``dataset.json`` if present, else its layout's convention."""
     info = root / "dataset.json"
@@ -106,8 +120,8 @@ def source_um_per_px(root: Path, folder_names: list[str]) -> float | None:
         value = json.loads(info.read_text()).get("um_per_px")
         return float(value) if value else None
     keys = {_folder_key(n) for n in folder_names}
-    if keys & {"01_TUMOR", "02_STROMA", "06_MUCOSA", "08_EMPTY"}:
-        return 0.495  # Kather 2016 texture tiles: 150 px = 74 µm
+    if keys & KATHER2016_FOLDERS:
+        return KATHER2016_UM_PER_PX  # Kather 2016 texture tiles: 150 px = 74 µm
     if keys & set(CANONICAL_CLASSES):
         return 0.5  # NCT-CRC-HE-100K / CRC-VAL-HE-7K convention
     return None
@@ -171,6 +185,9 @@ def scan_folder(root: str | Path, classes: tuple[str, ...] | None = None) -> lis
                         um_per_px=um_per_px,
                     )
                 )
+    if found and um_per_px == KATHER2016_UM_PER_PX and not (root / "dataset.json").is_file():
+        scale = kather2016_um_per_px(found[0].path)
+        found = [replace(i, um_per_px=scale) for i in found]
     if not known_folder:
         raise ValueError(f"{root} has no class folders (expected names such as TUM/ or 01_TUMOR/)")
     return found

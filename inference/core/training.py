@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from inference.core import evaluation
-from inference.core.augment import augment
+from inference.core.augment import augment, augment_lab
 from inference.core.datasets import LabelledImage, dataset_version, leakage_groups, manifest_sha256
 from inference.core.model import MODEL_FILE, SERVING_FILE, file_sha256, write_metadata
 from inference.core.preprocessing import preprocess
@@ -60,12 +60,22 @@ class TrainingConfig:
     test_fraction: float = 0.15
     dropout: float = 0.2
     augment: bool = True
+    # "v3": lab-robust views (augment.augment_lab: scale 0.25-1.0 µm/px with same-class mosaics,
+    # stain-matrix jitter, scanner colour/focus/noise/JPEG); "v2": the demo model v2's recipe
+    # (scale jitter, HED jitter, brightness/contrast, blur), kept to compare against.
+    recipe: str = "v3"
     scale_jitter: tuple[float, float] = (0.8, 1.33)
     stain_sigma: float = 0.08
+    zoom_um_per_px: tuple[float, float] = (0.25, 1.0)
+    stain_intensity: float = 0.25
+    jpeg_quality: tuple[int, int] = (30, 95)
     seed: int = 1
     attention_threshold: float = 0.7  # calibrated top probability below this: "needs attention"
     name: str = "tissue-mobilenetv2"
     version: str = "1"
+    # Fine-tune an existing model version directory instead of starting from ImageNet weights
+    # (its classes, input and architecture are kept; learning rates should be low).
+    init_from: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -149,6 +159,9 @@ def _batches(items: list[LabelledImage], index: dict[str, int], config: Training
             counts = Counter(i.label for i in items)
             self.class_weight = {c: len(items) / (len(counts) * n) for c, n in counts.items()}
             self.order = list(range(len(items)))
+            self.by_label: dict[str, list[LabelledImage]] = defaultdict(list)
+            for item in items:
+                self.by_label[item.label].append(item)
             self._shuffle()
 
         def _shuffle(self) -> None:
@@ -162,12 +175,33 @@ def _batches(items: list[LabelledImage], index: dict[str, int], config: Training
             chosen = [items[i] for i in self.order[batch * config.batch_size : (batch + 1) * config.batch_size]]
             rng = np.random.default_rng([config.seed, self.epoch, batch])
             pictures = [_load(i) for i in chosen]
-            if train and config.augment:
+            if train and config.augment and config.recipe == "v2":
                 pictures = [augment(p, rng, config.scale_jitter, config.stain_sigma) for p in pictures]
+            elif train and config.augment:
+                pictures = [self._lab_view(p, i, rng) for p, i in zip(pictures, chosen, strict=True)]
             x = preprocess(pictures, config.input_size)
             y = np.array([index[i.label] for i in chosen], dtype=np.int32)
             w = np.array([self.class_weight[i.label] for i in chosen], dtype=np.float32)
             return (x, y, w) if train else (x, y)
+
+        def _lab_view(self, picture: Image.Image, item: LabelledImage, rng: np.random.Generator) -> Image.Image:
+            mates = self.by_label[item.label]
+
+            def same_class() -> tuple[Image.Image, float]:
+                mate = mates[int(rng.integers(0, len(mates)))]
+                return _load(mate), mate.um_per_px or config.um_per_px
+
+            return augment_lab(
+                picture,
+                rng,
+                um_per_px=item.um_per_px,
+                model_um_per_px=config.um_per_px,
+                size=config.input_size,
+                same_class=same_class,
+                zoom=config.zoom_um_per_px,
+                stain_intensity=config.stain_intensity,
+                jpeg_quality=config.jpeg_quality,
+            )
 
         def on_epoch_end(self) -> None:
             self.epoch += 1
@@ -194,6 +228,20 @@ def build_networks(config: TrainingConfig):
     return serving, training, backbone
 
 
+def load_networks(directory: str | Path):
+    """(serving model, training model with logits, backbone) of an existing model version, to fine-tune."""
+    import keras
+
+    serving = keras.saving.load_model(Path(directory) / MODEL_FILE, compile=False)
+    if not isinstance(serving.output, dict) or "logits" not in serving.output:
+        raise ValueError(f"{directory}: the model has no 'logits' output to fine-tune")
+    training = keras.Model(serving.inputs, serving.output["logits"])
+    backbones = [layer for layer in serving.layers if isinstance(layer, keras.Model)]
+    if len(backbones) != 1:
+        raise ValueError(f"{directory}: expected one backbone network inside the model, found {len(backbones)}")
+    return serving, training, backbones[0]
+
+
 def _logits(model, items: list[LabelledImage], config: TrainingConfig) -> np.ndarray:
     if not items:
         return np.zeros((0, len(config.classes)), dtype=np.float32)
@@ -214,14 +262,18 @@ def fit(
     keras.utils.set_random_seed(config.seed)
     images = [i for i in images if i.label in config.classes]
     missing = [c for c in config.classes if not any(i.label == c for i in images)]
-    if missing:
+    if missing and not config.init_from:
         raise ValueError(f"no training images for class(es): {', '.join(missing)}")
+    if missing:
+        # Fine-tuning keeps the parent's class map: classes absent here keep what it learnt
+        # (add base data with another --data to keep them in practice too).
+        progress(f"no images of {', '.join(missing)} in this data: those classes are not trained further")
     train, val, test = split_by_group(images, config.val_fraction, config.test_fraction, config.seed)
     if not train:
         raise ValueError("the split left no training images")
     progress(f"{len(train)} training, {len(val)} validation, {len(test)} test images; {len(config.classes)} classes")
     index = {name: i for i, name in enumerate(config.classes)}
-    serving, training, backbone = build_networks(config)
+    serving, training, backbone = load_networks(config.init_from) if config.init_from else build_networks(config)
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
     verbose = 1 if sys.stdout.isatty() else 2  # a progress bar on a terminal, a line per epoch in logs
     monitor = "val_loss" if val else "loss"
@@ -335,11 +387,10 @@ def train_classifier(
             "dataset_versions": {
                 s: v for s, v in ((s, dataset_version(r)) for s, r in _roots(images).items()) if v is not None
             },
-            "weights": config.weights if config.weights == "imagenet" else Path(config.weights).name,
-            "weights_sha256": None if config.weights == "imagenet" else file_sha256(config.weights),
+            "weights": _weights_name(config),
+            "weights_sha256": None if config.init_from or config.weights == "imagenet" else file_sha256(config.weights),
             "config": {k: v for k, v in asdict(config).items() if k not in {"classes", "weights", "extra"}},
-            "augmentation": f"scale jitter {config.scale_jitter[0]}-{config.scale_jitter[1]}, 90-degree rotations "
-            f"and flips, HED stain jitter (sigma {config.stain_sigma}), brightness/contrast, Gaussian blur (p 0.25)",
+            "augmentation": augmentation_summary(config),
             "history": facts["history"],
             "seconds": round(time.monotonic() - started, 1),
             "keras": keras.__version__,
@@ -350,6 +401,100 @@ def train_classifier(
     }
     write_metadata(out, metadata)
     return metadata
+
+
+def _weights_name(config: TrainingConfig) -> str:
+    if config.init_from:
+        return f"fine-tuned from {Path(config.init_from).name}"
+    return config.weights if config.weights == "imagenet" else Path(config.weights).name
+
+
+def augmentation_summary(config: TrainingConfig) -> str:
+    if not config.augment:
+        return "none"
+    if config.recipe == "v2":
+        return (
+            f"recipe v2: scale jitter {config.scale_jitter[0]}-{config.scale_jitter[1]}, 90-degree rotations and "
+            f"flips, HED stain jitter (sigma {config.stain_sigma}), brightness/contrast, Gaussian blur (p 0.25)"
+        )
+    low, high = config.zoom_um_per_px
+    return (
+        f"recipe v3: views at {low}-{high} µm/px (log-uniform; 30% near the model's scale; zooming out fills the "
+        f"field with same-class tiles), 90-degree rotations and flips, stain-matrix jitter in optical density "
+        f"(stain amounts log-normal sigma {config.stain_intensity}, stain directions ~0.08 rad), per-channel "
+        f"gamma 0.8-1.25, saturation 0.7-1.3, brightness/contrast, blur (p 0.3) or sharpening (p 0.15), "
+        f"noise (p 0.3), JPEG quality {config.jpeg_quality[0]}-{config.jpeg_quality[1]} (p 0.7)"
+    )
+
+
+def binary_figures(tum: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    """NORM-vs-TUM figures from the TUM share of the two-class scores (decision at 0.5).
+
+    Args:
+        tum: p(TUM) / (p(TUM) + p(NORM)) per image, 0..1.
+        truth: True where the image is tumour.
+    """
+    called = tum >= 0.5
+    positives, negatives = int(truth.sum()), int((~truth).sum())
+    figures: dict[str, Any] = {
+        "images": len(truth),
+        "accuracy": round(float((called == truth).mean()), 4) if len(truth) else None,
+        "sensitivity": round(float(called[truth].mean()), 4) if positives else None,
+        "specificity": round(float((~called[~truth]).mean()), 4) if negatives else None,
+        "tumour": positives,
+        "normal": negatives,
+    }
+    if positives and negatives:
+        figures["roc_auc"] = round(evaluation.roc_auc_binary(tum, truth), 4)
+    return figures
+
+
+def simulated_other_labs(
+    model, held_out: list[LabelledImage], config: TrainingConfig, temperature: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """(TUM share of the NORM/TUM scores, truth) of the held-out NORM and TUM tiles as each of
+    ``otherlab.PROFILES`` would deliver them (see ``inference.core.otherlab``)."""
+    from inference.core import otherlab
+
+    pair = [i for i in held_out if i.label in {"NORM", "TUM"}]
+    if not pair or not {"NORM", "TUM"} <= set(config.classes):
+        return np.zeros(0), np.zeros(0, dtype=bool)
+    views, truth = [], []
+    for k, image in enumerate(pair):
+        mates = [m for m in pair if m.label == image.label and m is not image] or [image]
+        for p, profile in enumerate(otherlab.PROFILES):
+            order = iter(range(10**6))
+
+            def same_class(mates=mates, order=order) -> tuple[Image.Image, float]:
+                mate = mates[next(order) % len(mates)]
+                return _load(mate), mate.um_per_px or config.um_per_px
+
+            views.append(
+                otherlab.as_lab(
+                    _load(image),
+                    profile,
+                    um_per_px=image.um_per_px or config.um_per_px,
+                    size=config.input_size,
+                    seed=1000 * k + p,
+                    same_class=same_class,
+                )
+            )
+            truth.append(image.label == "TUM")
+    logits = np.concatenate(
+        [
+            np.asarray(
+                _as_logits(model(preprocess(views[s : s + config.batch_size], config.input_size), training=False))
+            )
+            for s in range(0, len(views), config.batch_size)
+        ]
+    )
+    probabilities = evaluation.softmax(logits, temperature)
+    binary = evaluation.restrict_to_classes(probabilities, list(config.classes), ["NORM", "TUM"])
+    return binary[:, 1], np.array(truth)
+
+
+def _as_logits(output):
+    return output["logits"] if isinstance(output, dict) else output
 
 
 def leave_one_dataset_out(
@@ -382,9 +527,32 @@ def leave_one_dataset_out(
             truth = np.array([held_out[k].label == "TUM" for k in pair])
             row["norm_vs_tum_images"] = len(pair)
             row["norm_vs_tum_accuracy"] = round(float(((binary[:, 1] >= 0.5) == truth).mean()), 6)
+            row["norm_vs_tum_scores"] = [
+                [round(float(v), 5), bool(t)] for v, t in zip(binary[:, 1], truth, strict=True)
+            ]
+            simulated, simulated_truth = simulated_other_labs(model, held_out, config, temperature)
+            row["simulated_other_lab_scores"] = [
+                [round(float(v), 5), bool(t)] for v, t in zip(simulated, simulated_truth, strict=True)
+            ]
+            row["simulated_other_lab"] = binary_figures(simulated, simulated_truth)
         results[source] = row
         progress(
             f"leave out {source}: accuracy {row['accuracy']:.3f} on {len(held_out)} images, "
-            f"NORM-vs-TUM {row.get('norm_vs_tum_accuracy')}"
+            f"NORM-vs-TUM {row.get('norm_vs_tum_accuracy')}, simulated other labs {row.get('simulated_other_lab')}"
         )
     return results
+
+
+def pooled_generalisation(lodo: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """NORM-vs-TUM figures pooled over every held-out source: as is, and as the simulated other labs."""
+    pooled: dict[str, Any] = {}
+    for key, name in (
+        ("norm_vs_tum_scores", "held_out_sources"),
+        ("simulated_other_lab_scores", "simulated_other_labs"),
+    ):
+        rows = [pair for row in lodo.values() for pair in row.get(key, [])]
+        if rows:
+            scores = np.array([r[0] for r in rows], dtype=np.float64)
+            truth = np.array([r[1] for r in rows], dtype=bool)
+            pooled[name] = binary_figures(scores, truth)
+    return pooled

@@ -1,10 +1,12 @@
+from dataclasses import replace
 from pathlib import Path
 
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from inference.core.datasets import CANONICAL_CLASSES, scan_folder
-from inference.core.training import TrainingConfig, leave_one_dataset_out, train_classifier
+from inference.core.model import file_sha256
+from inference.core.training import TrainingConfig, leave_one_dataset_out, pooled_generalisation, train_classifier
 
 SHARED_DATA = Path(settings.BASE_DIR).parent / "shared" / "data"
 DEFAULT_DATA = ("nct-crc-he-100k-samples", "crc-val-he-7k-png", "kather2016-tfds-224", "kather2016-tiles-150")
@@ -42,6 +44,33 @@ class Command(BaseCommand):
             action="store_true",
             help="First train once per --data source on the others and test on it; figures go into the card.",
         )
+        parser.add_argument(
+            "--recipe",
+            choices=("v3", "v2"),
+            default="v3",
+            help="Augmentation recipe: v3 (lab-robust: scale 0.25-1.0 µm/px with same-class mosaics, stain-matrix "
+            "jitter, scanner colour/focus/noise/JPEG) or v2 (the demo model v2's, for comparison).",
+        )
+        parser.add_argument(
+            "--compare-recipe",
+            choices=("v3", "v2"),
+            help="With --leave-one-dataset-out: also run it for this recipe and record its figures beside this "
+            "version's in metadata and the model card (the demo model v3 compares with v2).",
+        )
+        parser.add_argument(
+            "--init-from",
+            metavar="NAME:VERSION|DIR",
+            help="Fine-tune this model version (registered NAME:VERSION or a model directory) on --data, e.g. a "
+            "hospital's export_reviews output mixed with base data; keeps its classes; low learning rates.",
+        )
+        parser.add_argument(
+            "--head-learning-rate", type=float, help="Phase 1 learning rate (default 2e-3; 2e-4 with --init-from)."
+        )
+        parser.add_argument(
+            "--fine-tune-learning-rate",
+            type=float,
+            help="Phase 2 learning rate (default 1e-4; 2e-5 with --init-from).",
+        )
         parser.add_argument("--name", default="tissue-mobilenetv2")
         parser.add_argument("--model-version", default="1")
         parser.add_argument("--out", required=True, help="Output model directory.")
@@ -58,12 +87,17 @@ class Command(BaseCommand):
                     f"--classes needs at least two distinct of {', '.join(CANONICAL_CLASSES)}; "
                     f"unknown: {', '.join(unknown) or 'none'}"
                 )
-        if opts["weights"] != "imagenet" and not Path(opts["weights"]).is_file():
+        if not opts["init_from"] and opts["weights"] != "imagenet" and not Path(opts["weights"]).is_file():
             raise CommandError(f"weights file not found: {opts['weights']}")
         if opts["epochs"] < 1 or opts["fine_tune_epochs"] < 0:
             raise CommandError("--epochs must be at least 1 and --fine-tune-epochs at least 0")
         if not (0 <= opts["test_fraction"] < 0.5 and 0 <= opts["val_fraction"] < 0.5):
             raise CommandError("--test-fraction and --val-fraction must be between 0 and 0.5")
+        parent = _parent(opts["init_from"]) if opts["init_from"] else None
+        if parent is not None:
+            if opts["classes"].strip().lower() != "all" and tuple(classes) != tuple(parent["classes"]):
+                raise CommandError(f"--classes must be the parent's ({', '.join(parent['classes'])}) with --init-from")
+            classes = tuple(parent["classes"])
         images = []
         for root in data:
             try:
@@ -84,6 +118,11 @@ class Command(BaseCommand):
             seed=opts["seed"],
             name=opts["name"],
             version=opts["model_version"],
+            recipe=opts["recipe"],
+            init_from=str(parent["directory"]) if parent else None,
+            head_learning_rate=opts["head_learning_rate"] or (2e-4 if parent else 2e-3),
+            fine_tune_learning_rate=opts["fine_tune_learning_rate"] or (2e-5 if parent else 1e-4),
+            extra={"lineage": _lineage(parent, images)} if parent else {},
         )
 
         def say(line: str) -> None:
@@ -95,9 +134,22 @@ class Command(BaseCommand):
                 if len(data) < 2:
                     raise CommandError("--leave-one-dataset-out needs at least two --data sources")
                 lodo = leave_one_dataset_out(images, config, progress=say)
-                config = TrainingConfig(
-                    **{**config.__dict__, "extra": {"leave_one_dataset_out": _summary(lodo)}},
-                )
+                extra = {
+                    **config.extra,
+                    "leave_one_dataset_out": _summary(lodo),
+                    "generalisation": pooled_generalisation(lodo),
+                }
+                if opts["compare_recipe"]:
+                    say(f"leave one dataset out again with recipe {opts['compare_recipe']}, for comparison")
+                    baseline = leave_one_dataset_out(
+                        images, replace(config, recipe=opts["compare_recipe"]), progress=say
+                    )
+                    extra["generalisation_baseline"] = {
+                        "label": f"recipe {opts['compare_recipe']}",
+                        **pooled_generalisation(baseline),
+                    }
+                config = TrainingConfig(**{**config.__dict__, "extra": extra})
+                say(f"pooled over held-out sources: {extra['generalisation']}")
             metadata = train_classifier(images, config, opts["out"], progress=say)
         except ValueError as exc:
             raise CommandError(str(exc)) from None
@@ -105,9 +157,51 @@ class Command(BaseCommand):
         say(f"Wrote {opts['out']} (test accuracy {test.get('accuracy')}, macro F1 {test.get('macro_f1')})")
 
 
+def _parent(reference: str) -> dict:
+    """{"directory", "name", "version", "classes", "sha256"} of the model version to start from."""
+    from inference.core.model import MODEL_FILE, read_metadata
+    from inference.models import ModelVersion
+
+    directory = Path(reference)
+    if not directory.is_dir():
+        name, _, version = reference.rpartition(":")
+        found = ModelVersion.objects.filter(name=name, version=version).first() if name else None
+        if found is None:
+            raise CommandError(f"--init-from {reference}: neither a model directory nor a registered NAME:VERSION")
+        directory = found.directory
+    try:
+        metadata = read_metadata(directory)
+    except (OSError, ValueError) as exc:
+        raise CommandError(f"--init-from {reference}: {exc}") from None
+    return {
+        "directory": directory,
+        "name": metadata["name"],
+        "version": str(metadata["version"]),
+        "classes": metadata["classes"],
+        "sha256": file_sha256(directory / MODEL_FILE),
+    }
+
+
+def _lineage(parent: dict, images: list) -> dict:
+    """Both parents of a fine-tuned version: the model it started from and the data it saw."""
+    from inference.core.datasets import dataset_version
+
+    roots = {i.source: i.path.parent.parent for i in images}
+    return {
+        "parent": f"{parent['name']}:{parent['version']}",
+        "parent_sha256": parent["sha256"],
+        "dataset_versions": {s: v for s, v in ((s, dataset_version(r)) for s, r in roots.items()) if v},
+        "trained_on_sha256": sorted(
+            {file_sha256(i.path) for i in images if dataset_version(i.path.parent.parent)}
+        ),  # reviewed patches it saw: shadow evaluation and site validation leave them out
+    }
+
+
 def _summary(lodo: dict) -> dict:
     return {
-        source: {k: v for k, v in row.items() if k != "report"}
+        source: {
+            k: v for k, v in row.items() if k not in {"report", "norm_vs_tum_scores", "simulated_other_lab_scores"}
+        }
         | {"per_class_recall": {c: r["recall"] for c, r in row["report"]["per_class"].items()}}
         for source, row in lodo.items()
     }
