@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt co
 
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test lint check venv browser-deps bench train-demo-model clean
+.PHONY: run test lint check venv browser-deps bench train-demo-model generalisation clean
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,11 +49,15 @@ browser-deps:
 bench: venv
 	$(PY) scripts/bench.py --json var/bench.json
 
-# Retrain the bundled demo model from ../shared/data, with leave-one-dataset-out figures
-# (about five minutes on 2 CPU cores).
+# Retrain the bundled demo model from ../shared/data with recipe v3, with leave-one-dataset-out
+# and simulated-other-lab figures for v3 and, for comparison, the v2 recipe (about 15 minutes on 2 CPU cores).
 train-demo-model: venv
-	DEBUG=true $(PY) manage.py train_model --leave-one-dataset-out --name tissue-mobilenetv2-demo \
-	  --model-version 2 --out inference/demo_model
+	DEBUG=true $(PY) manage.py train_model --leave-one-dataset-out --compare-recipe v2 \
+	  --name tissue-mobilenetv2-demo --model-version 3 --out inference/demo_model
+
+# Leave-one-dataset-out and simulated-other-lab figures of recipes v2 and v3 (no model written).
+generalisation: venv
+	$(PY) scripts/generalisation.py --json var/generalisation.json
 
 clean:
 	rm -rf var .pytest_cache .ruff_cache

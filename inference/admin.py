@@ -1,11 +1,27 @@
 import json
 
-from django.contrib import admin
-from django.utils.html import format_html
+from django import forms
+from django.conf import settings
+from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.http import Http404, HttpResponse
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
+from django.urls import path, reverse
+from django.utils.html import format_html, format_html_join
 
+from accounts.models import Institution
 from accounts.permissions import InstitutionScopedAdmin
+from inference.core import evaluation
 from inference.core.card import model_card
-from inference.models import ModelActivation, ModelVersion, Prediction, WorkerHeartbeat
+from inference.models import ModelActivation, ModelVersion, Prediction, SiteValidation, WorkerHeartbeat
+from inference.sites import (
+    DEFAULT_MIN_PER_CLASS,
+    REVIEWS_SOURCE,
+    SiteValidationError,
+    site_images_from_reviews,
+    site_validate,
+)
 
 
 class ModelActivationInline(admin.TabularInline):
@@ -90,3 +106,223 @@ class ModelActivationAdmin(ReadOnlyAdmin):
     """History of which model was active when, and who switched it."""
 
     list_display = ["created_at", "model_version", "previous", "actor", "reason"]
+
+
+def _interval(rate: dict | None) -> str:
+    if not rate or rate.get("value") is None:
+        return "n/a"
+    return f"{rate['value']:.3f} ({rate['low']:.3f}-{rate['high']:.3f}, n = {rate['n']})"
+
+
+class ReviewedPatchesValidationForm(forms.Form):
+    institution = forms.ModelChoiceField(queryset=Institution.objects.none())
+    model_version = forms.ModelChoiceField(queryset=ModelVersion.objects.all(), help_text="Default: the active one.")
+    target_sensitivity = forms.FloatField(min_value=0.5, max_value=1.0, help_text="Tumour sensitivity to reach, 0..1.")
+    min_per_class = forms.IntegerField(
+        min_value=1,
+        help_text="Refuse with fewer reviewed NORM or TUM patches than this; passing needs "
+        f"{settings.SITE_VALIDATION_MIN_PER_CLASS} analysed per class.",
+    )
+
+    def __init__(self, *args, institutions, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["institution"].queryset = institutions
+
+
+@admin.register(SiteValidation)
+class SiteValidationAdmin(InstitutionScopedAdmin, ReadOnlyAdmin):
+    """A model measured on one institution's own tissue, and the threshold chosen there. Written by
+    ``validate_site`` or the "Validate on reviewed patches" page, never edited."""
+
+    list_display = [
+        "created_at",
+        "institution",
+        "model_version",
+        "threshold_display",
+        "sensitivity",
+        "specificity",
+        "passed",
+        "data_source",
+        "actor",
+    ]
+    list_filter = ["passed", "model_version"]
+    change_list_template = "inference/sitevalidation_change_list.html"
+    fields = [
+        "institution",
+        "model_version",
+        "passed",
+        "threshold_display",
+        "target_sensitivity",
+        "sensitivity",
+        "specificity",
+        "summary",
+        "plots",
+        "counts",
+        "data_source",
+        "data_manifest_sha256",
+        "created_at",
+        "actor",
+        "created_by",
+        "metrics_pretty",
+    ]
+    readonly_fields = fields
+
+    @admin.display(description="threshold (TUM probability)", ordering="threshold")
+    def threshold_display(self, obj):
+        return f"{obj.threshold:.4f}"
+
+    @admin.display(description="metrics (95% intervals)")
+    def summary(self, obj):
+        m = obj.metrics
+        point = m.get("operating_point", {})
+        default = point.get("at_default_threshold", {})
+        auc = m.get("roc_auc", {})
+        calibration = m.get("calibration", {})
+        quality = m.get("quality_check", {})
+        rows = [
+            ("accuracy", _interval(m.get("accuracy")) + (f" ({m['note']})" if m.get("note") else "")),
+            (
+                "ROC AUC, TUM vs NORM",
+                f"{auc.get('value')} (bootstrap {auc.get('low')}-{auc.get('high')}, {auc.get('resamples')} resamples)",
+            ),
+            (
+                f"at threshold {obj.threshold:.4f}",
+                f"sensitivity {_interval(point.get('sensitivity'))}; specificity {_interval(point.get('specificity'))}",
+            ),
+            (
+                f"at the model's default {point.get('default_threshold')}",
+                f"sensitivity {_interval(default.get('sensitivity'))}; "
+                f"specificity {_interval(default.get('specificity'))}",
+            ),
+            (
+                "calibration",
+                f"ECE {m.get('ece')}; temperature refitted here {calibration.get('site_temperature')} "
+                f"(model {calibration.get('model_temperature')}) gives ECE {calibration.get('ece_after')}",
+            ),
+            (
+                "rejected by quality check",
+                f"{quality.get('rejected')} ({quality.get('rate')}) {quality.get('by_reason') or ''}",
+            ),
+        ]
+        for name, rates in m.get("per_class", {}).items():
+            rows.append(
+                (
+                    name,
+                    f"sensitivity {_interval(rates.get('sensitivity'))}; "
+                    f"specificity {_interval(rates.get('specificity'))}",
+                )
+            )
+        body = format_html_join("", "<tr><th>{}</th><td>{}</td></tr>", rows)
+        return format_html("<table>{}</table>", body)
+
+    @admin.display(description="plots")
+    def plots(self, obj):
+        return format_html_join(
+            " ",
+            '<img src="{}" alt="{}" width="360" height="360">',
+            (
+                (reverse("admin:inference_sitevalidation_plot", args=[obj.pk, kind]), alt)
+                for kind, alt in (("roc", "ROC curve"), ("reliability", "reliability diagram"))
+            ),
+        )
+
+    @admin.display(description="all metrics")
+    def metrics_pretty(self, obj):
+        return format_html("<pre>{}</pre>", json.dumps(obj.metrics, indent=2))
+
+    def get_urls(self):
+        extra = [
+            path(
+                "validate-reviews/",
+                self.admin_site.admin_view(self.validate_reviews_view),
+                name="inference_sitevalidation_validate_reviews",
+            ),
+            path(
+                "<path:object_id>/plot/<str:kind>.png",
+                self.admin_site.admin_view(self.plot_view),
+                name="inference_sitevalidation_plot",
+            ),
+        ]
+        return extra + super().get_urls()
+
+    def plot_view(self, request, object_id, kind):
+        """The ROC curve or the reliability diagram of one validation, drawn from its stored metrics."""
+        validation = self.get_object(request, object_id)  # institution-scoped queryset
+        if validation is None or not self.has_view_permission(request, validation):
+            raise Http404("no such site validation")
+        m = validation.metrics
+        if kind == "roc":
+            point = m["operating_point"]
+            png = evaluation.roc_png(
+                m["roc_curve"],
+                auc=m["roc_auc"]["value"],
+                point=(1 - point["specificity"]["value"], point["sensitivity"]["value"]),
+            )
+        elif kind == "reliability":
+            png = evaluation.reliability_png(m["reliability"], ece=m["ece"])
+        else:
+            raise Http404("no such plot")
+        response = HttpResponse(png, content_type="image/png")
+        response["Cache-Control"] = "private, no-store"
+        return response
+
+    def _institutions(self, request):
+        if request.user.is_superuser:
+            return Institution.objects.all()
+        return Institution.objects.filter(pk=getattr(request.user, "institution_id", None))
+
+    def can_validate(self, request) -> bool:
+        return request.user.is_superuser or (
+            request.user.has_perm("inference.add_sitevalidation") and self._institutions(request).exists()
+        )
+
+    def changelist_view(self, request, extra_context=None):
+        extra_context = {**(extra_context or {}), "can_validate": self.can_validate(request)}
+        return super().changelist_view(request, extra_context)
+
+    def validate_reviews_view(self, request):
+        """Validate a model on an institution's own reviewed NORM and TUM patches (synchronously)."""
+        if not self.can_validate(request):
+            raise PermissionDenied
+        active = ModelVersion.objects.filter(is_active=True).first()
+        form = ReviewedPatchesValidationForm(
+            request.POST or None,
+            institutions=self._institutions(request),
+            initial={
+                "model_version": active,
+                "target_sensitivity": settings.SITE_TARGET_SENSITIVITY,
+                "min_per_class": DEFAULT_MIN_PER_CLASS,
+            },
+        )
+        if request.method == "POST" and form.is_valid():
+            institution = form.cleaned_data["institution"]
+            version = form.cleaned_data["model_version"]
+            try:
+                validation = site_validate(
+                    institution=institution,
+                    model_version=version,
+                    images=site_images_from_reviews(institution=institution),
+                    data_source=REVIEWS_SOURCE,
+                    target_sensitivity=form.cleaned_data["target_sensitivity"],
+                    min_per_class=form.cleaned_data["min_per_class"],
+                    user=request.user,
+                    request=request,
+                )
+            except SiteValidationError as exc:
+                self.message_user(request, f"{version} at {institution}: {exc}. Nothing was stored.", messages.ERROR)
+            else:
+                self.message_user(
+                    request,
+                    f"{version} at {institution}: threshold {validation.threshold:.4f}, sensitivity "
+                    f"{validation.sensitivity:.3f}, specificity {validation.specificity:.3f}: "
+                    + ("passed." if validation.passed else "not passed."),
+                    messages.SUCCESS if validation.passed else messages.WARNING,
+                )
+                return redirect("admin:inference_sitevalidation_change", validation.pk)
+        context = {
+            **self.admin_site.each_context(request),
+            "opts": self.model._meta,
+            "title": "Validate on reviewed patches",
+            "form": form,
+        }
+        return TemplateResponse(request, "inference/sitevalidation_validate.html", context)

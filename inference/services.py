@@ -175,9 +175,39 @@ def model_activate(
     reviewed patch (``shadow_evaluate``); a candidate that does worse is refused unless
     ``force`` is given with a ``reason`` (both audited).
 
+    With REQUIRE_SITE_VALIDATION, every institution that has users or cases needs a passing
+    SiteValidation of ``version`` (``validate_site``); without one, activation is refused unless
+    ``force`` is given with a ``reason`` (both audited).
+
     Returns the activation record, or None when the version was already active.
     """
+    from django.db.models import Q
+
+    from accounts.models import Institution
+    from inference.models import SiteValidation
+    from inference.selectors import site_validation_required
+
     model_check(version.directory)
+    if ModelVersion.objects.filter(pk=version.pk, is_active=True).exists():
+        return None
+    # Institutions in use (with users or cases) and whether each has a passing validation of it.
+    in_use = Institution.objects.filter(Q(users__isnull=False) | Q(cases__isnull=False)).distinct().order_by("slug")
+    validated = set(
+        SiteValidation.objects.filter(model_version=version, passed=True).values_list("institution_id", flat=True)
+    )
+    sites = {
+        "required": site_validation_required(),
+        "validated": [i.slug for i in in_use if i.pk in validated],
+        "missing": [i.slug for i in in_use if i.pk not in validated],
+    }
+    if sites["required"] and sites["missing"]:
+        if not force:
+            raise ModelRejected(
+                f"{version} has no passing site validation at {', '.join(sites['missing'])}; run validate_site "
+                "there first (REQUIRE_SITE_VALIDATION is on), or activate it only with force and a reason"
+            )
+        if not reason.strip():
+            raise ModelRejected("forcing the activation of a model not validated at every site needs a reason")
     current_active = ModelVersion.objects.filter(is_active=True).first()
     shadow = None
     if current_active is not None and current_active.pk != version.pk:
@@ -209,7 +239,12 @@ def model_activate(
             action="model.activate",
             target=version,
             before={"active": str(current) if current else None},
-            after={"active": str(version), "shadow_evaluation": shadow, "forced": bool(force)},
+            after={
+                "active": str(version),
+                "shadow_evaluation": shadow,
+                "site_validation": sites,
+                "forced": bool(force),
+            },
             reason=reason,
         )
     logger.warning("model %s activated by %s (was %s)", version, actor, current)

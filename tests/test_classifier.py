@@ -40,8 +40,10 @@ def test_scale_comes_from_dataset_json_or_layout(tmp_path):
     assert scan_folder(tmp_path / "lab")[0].um_per_px == 0.5
     (tmp_path / "lab" / "dataset.json").write_text(json.dumps({"um_per_px": 0.25}))
     assert scan_folder(tmp_path / "lab")[0].um_per_px == 0.25
-    _tile(tmp_path / "k16" / "01_TUMOR" / "a.tif")
-    assert scan_folder(tmp_path / "k16")[0].um_per_px == 0.495
+    _tile(tmp_path / "k16" / "01_TUMOR" / "a.tif", size=150)
+    assert scan_folder(tmp_path / "k16")[0].um_per_px == 0.495  # Kather 2016: 150 px tiles of 74 µm
+    _tile(tmp_path / "k16-resampled" / "01_TUMOR" / "a.tif", size=64)
+    assert scan_folder(tmp_path / "k16-resampled")[0].um_per_px == round(0.495 * 150 / 64, 4)
 
 
 def test_near_identical_tiles_share_a_leakage_group(tmp_path):

@@ -25,6 +25,9 @@ TEMPERATURE_MAX = 20.0
 _TEMPERATURE_GRID = 49
 _GOLDEN_ITERATIONS = 80
 _DECIMALS = 6
+Z_95 = 1.959963984540054  # standard normal quantile for a two-sided 95% interval
+BOOTSTRAP_RESAMPLES = 1000
+ROC_CURVE_POINTS = 300  # stored curves are thinned to about this many points
 
 
 def _round(value: float) -> float:
@@ -149,6 +152,92 @@ def expected_calibration_error(probabilities: np.ndarray, labels: np.ndarray, bi
     return float(np.abs(sum_correct - sum_conf).sum() / len(labels))
 
 
+def reliability_bins(probabilities: np.ndarray, labels: np.ndarray, bins: int = ECE_BINS) -> list[dict[str, Any]]:
+    """The bins of a reliability diagram (top-label confidence against accuracy), as plain data.
+
+    Uses the same equal-width bins as ``expected_calibration_error``, so the count-weighted sum
+    of ``|accuracy - confidence|`` over the bins, divided by n, is the ECE.
+
+    Args:
+        probabilities: ``(n, k)`` class probabilities, rows summing to 1.
+        labels: ``(n,)`` integer true-class column indices.
+        bins: number of equal-width bins on (0, 1] (>= 1).
+
+    Returns:
+        One dict per bin, lowest first: ``lower`` and ``upper`` (confidence bounds, the bin is
+        (lower, upper]), ``count``, ``accuracy`` and ``confidence`` (mean top-label probability);
+        accuracy and confidence are None for an empty bin.
+    """
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    if bins < 1:
+        raise ValueError("bins must be >= 1")
+    confidences = probabilities.max(axis=1) if len(labels) else np.zeros(0)
+    correct = (probabilities.argmax(axis=1) == labels).astype(np.float64) if len(labels) else np.zeros(0)
+    index = _confidence_bins(confidences, bins)
+    counts = np.bincount(index, minlength=bins)
+    sum_correct = np.bincount(index, weights=correct, minlength=bins)
+    sum_conf = np.bincount(index, weights=confidences, minlength=bins)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    return [
+        {
+            "lower": _round(edges[i]),
+            "upper": _round(edges[i + 1]),
+            "count": int(counts[i]),
+            "accuracy": _round(sum_correct[i] / counts[i]) if counts[i] else None,
+            "confidence": _round(sum_conf[i] / counts[i]) if counts[i] else None,
+        }
+        for i in range(bins)
+    ]
+
+
+def wilson_interval(successes: int, total: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (e.g. a sensitivity).
+
+    Unlike the normal approximation it stays inside [0, 1] and is not degenerate at 0/n or n/n:
+    10 of 10 gives (0.722, 1.0), 0 of 10 gives (0.0, 0.278).
+
+    Args:
+        successes: number of successes, 0..total.
+        total: number of trials (>= 0).
+        z: standard normal quantile; the default gives a two-sided 95% interval.
+
+    Returns:
+        (lower, upper) in [0, 1]; (0.0, 1.0) when ``total`` is 0 (nothing is known).
+
+    Raises:
+        ValueError: counts out of range.
+    """
+    if total < 0 or not 0 <= successes <= total:
+        raise ValueError(f"need 0 <= successes <= total, got {successes} of {total}")
+    if total == 0:
+        return 0.0, 1.0
+    p = successes / total
+    z2 = z * z
+    centre = (p + z2 / (2 * total)) / (1 + z2 / total)
+    half = z * math.sqrt(p * (1 - p) / total + z2 / (4 * total * total)) / (1 + z2 / total)
+    # Exact 0/n and n/n: the bound on that side is the observed proportion itself.
+    lower = 0.0 if successes == 0 else max(0.0, centre - half)
+    upper = 1.0 if successes == total else min(1.0, centre + half)
+    return _round(lower), _round(upper)
+
+
+def proportion(successes: int, total: int) -> dict[str, Any]:
+    """A proportion with its Wilson 95% interval, as plain data.
+
+    Returns:
+        ``value`` (None when ``total`` is 0), ``low``, ``high``, ``successes`` and ``n``.
+    """
+    low, high = wilson_interval(successes, total)
+    return {
+        "value": _round(successes / total) if total else None,
+        "low": low,
+        "high": high,
+        "successes": int(successes),
+        "n": int(total),
+    }
+
+
 def _average_ranks(values: np.ndarray) -> np.ndarray:
     # 1-based ranks; tied values share the mean of the ranks they span.
     order = np.argsort(values, kind="mergesort")
@@ -185,6 +274,144 @@ def roc_auc_binary(scores: np.ndarray, positives: np.ndarray) -> float | None:
     ranks = _average_ranks(scores)
     u = ranks[positives].sum() - n_pos * (n_pos + 1) / 2.0
     return float(u / (n_pos * n_neg))
+
+
+def roc_auc_interval(
+    scores: np.ndarray,
+    positives: np.ndarray,
+    *,
+    resamples: int = BOOTSTRAP_RESAMPLES,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, Any]:
+    """ROC AUC with a stratified percentile-bootstrap confidence interval.
+
+    Positives and negatives are resampled separately (each keeps its size), so every resample
+    has both classes and a defined AUC. The same seed gives the same interval.
+
+    Args:
+        scores: ``(n,)`` real scores, higher meaning "more positive".
+        positives: ``(n,)`` booleans marking the positive samples.
+        resamples: number of bootstrap resamples (>= 1).
+        seed: seed of the random generator.
+        level: coverage of the interval, in (0, 1).
+
+    Returns:
+        ``value`` (AUC on the data, or None with only one class present), ``low`` and ``high``
+        (percentile bounds, None when the AUC is undefined), ``resamples``, ``seed``, ``level``.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = np.asarray(positives).astype(bool)
+    if resamples < 1 or not 0.0 < level < 1.0:
+        raise ValueError("resamples must be >= 1 and level in (0, 1)")
+    value = roc_auc_binary(scores, positives)
+    result: dict[str, Any] = {
+        "value": None,
+        "low": None,
+        "high": None,
+        "resamples": resamples,
+        "seed": seed,
+        "level": level,
+    }
+    if value is None:
+        return result
+    pos, neg = scores[positives], scores[~positives]
+    rng = np.random.default_rng(seed)
+    labels = np.r_[np.ones(len(pos), dtype=bool), np.zeros(len(neg), dtype=bool)]
+    aucs = np.empty(resamples)
+    for i in range(resamples):
+        sample = np.r_[pos[rng.integers(0, len(pos), len(pos))], neg[rng.integers(0, len(neg), len(neg))]]
+        aucs[i] = roc_auc_binary(sample, labels)
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(aucs, [tail, 100 - tail])
+    result.update(value=_round(value), low=_round(low), high=_round(high))
+    return result
+
+
+def roc_curve(scores: np.ndarray, positives: np.ndarray, max_points: int = ROC_CURVE_POINTS) -> dict[str, list]:
+    """The ROC curve as plain data, for storing and drawing later.
+
+    Args:
+        scores: ``(n,)`` real scores, higher meaning "more positive".
+        positives: ``(n,)`` booleans marking the positive samples.
+        max_points: keep about this many points (evenly thinned, first and last kept).
+
+    Returns:
+        ``fpr``, ``tpr`` (rates 0..1 from (0, 0) to (1, 1)) and ``thresholds`` (the score at or
+        above which a sample counts positive at that point; None for the (0, 0) start).
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = np.asarray(positives).astype(bool)
+    fpr, tpr = _roc_points(scores, positives)
+    distinct = np.sort(np.unique(scores))[::-1]
+    thresholds: list[float | None] = [None, *(_round(t) for t in distinct)]
+    keep = np.arange(len(fpr))
+    if len(keep) > max_points:
+        keep = np.unique(np.linspace(0, len(fpr) - 1, max_points).round().astype(int))
+    return {
+        "fpr": [_round(fpr[i]) for i in keep],
+        "tpr": [_round(tpr[i]) for i in keep],
+        "thresholds": [thresholds[i] for i in keep],
+    }
+
+
+def threshold_for_sensitivity(scores: np.ndarray, positives: np.ndarray, target: float) -> dict[str, Any]:
+    """The highest score threshold at which the sensitivity reaches ``target``.
+
+    A sample is called positive when its score is at or above the threshold. The threshold is
+    one of the positives' scores: the lowest one among the top ``ceil(target * positives)``,
+    so raising it any further would miss one positive too many.
+
+    Args:
+        scores: ``(n,)`` scores (e.g. the calibrated TUM probability, 0..1).
+        positives: ``(n,)`` booleans marking the positive samples; the rest are negatives.
+        target: required sensitivity in (0, 1].
+
+    Returns:
+        ``threshold``; ``sensitivity`` and ``specificity`` at it (each a ``proportion`` dict with
+        its Wilson 95% interval; specificity's value is None without negatives);
+        ``true_positives``, ``false_negatives``, ``true_negatives``, ``false_positives``.
+
+    Raises:
+        ValueError: no positive sample, or a target outside (0, 1].
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = np.asarray(positives).astype(bool)
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target sensitivity must be in (0, 1], got {target!r}")
+    n_pos = int(positives.sum())
+    if n_pos == 0:
+        raise ValueError("no positive sample: a threshold for a sensitivity cannot be chosen")
+    # The fewest positives that must be called: the tolerance keeps 0.98 * 100 from rounding up to 99.
+    needed = max(1, math.ceil(target * n_pos - 1e-9))
+    ranked = np.sort(scores[positives])[::-1]
+    threshold = float(ranked[needed - 1])
+    # Not rounded: a threshold rounded up past that positive's score would no longer call it.
+    return {"threshold": threshold, **rates_at_threshold(scores, positives, threshold)}
+
+
+def rates_at_threshold(scores: np.ndarray, positives: np.ndarray, threshold: float) -> dict[str, Any]:
+    """Sensitivity and specificity when ``score >= threshold`` calls a sample positive.
+
+    Returns:
+        ``sensitivity`` and ``specificity`` as ``proportion`` dicts (Wilson 95% intervals),
+        and the four confusion counts.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    positives = np.asarray(positives).astype(bool)
+    called = scores >= threshold
+    tp = int((called & positives).sum())
+    fn = int((~called & positives).sum())
+    tn = int((~called & ~positives).sum())
+    fp = int((called & ~positives).sum())
+    return {
+        "sensitivity": proportion(tp, tp + fn),
+        "specificity": proportion(tn, tn + fp),
+        "true_positives": tp,
+        "false_negatives": fn,
+        "true_negatives": tn,
+        "false_positives": fp,
+    }
 
 
 def restrict_to_classes(probabilities: np.ndarray, model_classes: Sequence[str], keep: Sequence[str]) -> np.ndarray:
@@ -518,3 +745,55 @@ def save_plots(
         save_roc_curves(directory / "roc.png", probabilities, labels, classes),
         save_reliability_diagram(directory / "reliability.png", probabilities, labels, ECE_BINS, classes=classes),
     ]
+
+
+def _png(fig) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()
+
+
+def roc_png(curve: dict[str, list], *, auc: float | None = None, point: tuple[float, float] | None = None) -> bytes:
+    """Draw a stored ROC curve (from ``roc_curve``) as PNG bytes, with the operating point marked.
+
+    Args:
+        curve: ``{"fpr": [...], "tpr": [...]}``, rates 0..1.
+        auc: the area to print in the legend, if known.
+        point: the operating point as (false positive rate, true positive rate), if any.
+    """
+    fig, ax = _axes(4.5, 4.5)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
+    label = "ROC" if auc is None else f"ROC (AUC {auc:.3f})"
+    ax.plot(curve["fpr"], curve["tpr"], linewidth=1.5, drawstyle="default", label=label)
+    if point is not None:
+        ax.plot([point[0]], [point[1]], marker="o", color="#7a1f5c", linestyle="none", label="operating point")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("false positive rate (1 - specificity)")
+    ax.set_ylabel("true positive rate (sensitivity)")
+    ax.legend(loc="lower right", fontsize=8)
+    return _png(fig)
+
+
+def reliability_png(bins: list[dict[str, Any]], *, ece: float | None = None) -> bytes:
+    """Draw stored reliability bins (from ``reliability_bins``) as a reliability diagram, PNG bytes."""
+    filled = [b for b in bins if b["count"]]
+    fig, ax = _axes(4.5, 4.5)
+    lefts = [b["lower"] for b in filled]
+    widths = [b["upper"] - b["lower"] for b in filled]
+    accuracy = [b["accuracy"] for b in filled]
+    gaps = [b["confidence"] - b["accuracy"] for b in filled]
+    ax.bar(lefts, accuracy, width=widths, align="edge", edgecolor="black", label="accuracy")
+    ax.bar(lefts, gaps, bottom=accuracy, width=widths, align="edge", color="red", alpha=0.3, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (top-label probability)")
+    ax.set_ylabel("accuracy")
+    n = sum(b["count"] for b in bins)
+    ax.set_title(f"n = {n}" + ("" if ece is None else f", ECE {ece:.4f}"), fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    return _png(fig)

@@ -42,7 +42,14 @@ class Command(BaseCommand):
             version, _ = model_register(directory=model)
             # An administrator's later choice of model stands: only activate when none is active.
             if not ModelVersion.objects.filter(is_active=True).exists():
-                model_activate(version=version, actor="system: seed_demo", reason="bundled demo model")
+                # Off DEBUG, activation needs a passing site validation at every institution in use;
+                # the demo model is seeded anyway, forced and audited, and shown "not validated at this site".
+                model_activate(
+                    version=version,
+                    actor="system: seed_demo",
+                    reason="bundled demo model: for demonstration, not validated at any site",
+                    force=True,
+                )
         except ModelRejected as exc:
             raise CommandError(f"cannot register the demo model at {model}: {exc}") from None
         version = ModelVersion.objects.get(is_active=True)

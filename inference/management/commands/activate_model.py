@@ -38,7 +38,9 @@ class Command(BaseCommand):
         "Make a registered model version the active one (the one workers serve). Re-verifies its files "
         "and refuses a model the platform cannot serve. Shadow evaluation first: both models on every "
         "reviewed patch (pathologists' classes as truth); a worse candidate needs --force and --reason. "
-        "Records who activated it, when, what it replaced and the shadow figures."
+        "With REQUIRE_SITE_VALIDATION (default: on unless DEBUG), every institution with users or cases "
+        "needs a passing validation of the version (validate_site) unless --force and --reason. "
+        "Records who activated it, when, what it replaced, the shadow figures and the site validations."
     )
 
     def add_arguments(self, parser):
@@ -48,7 +50,8 @@ class Command(BaseCommand):
         parser.add_argument(
             "--force",
             action="store_true",
-            help="Activate even if it does worse than the active model on reviewed patches.",
+            help="Activate even if it does worse than the active model on reviewed patches, or lacks a "
+            "passing site validation where one is required (needs --reason).",
         )
 
     def handle(self, *args, version: str, by: str, reason: str, force: bool, **options):

@@ -5,10 +5,18 @@ import numpy as np
 from django.core.management.base import BaseCommand, CommandError
 from tqdm import tqdm
 
+from accounts.models import Institution
 from inference.core import evaluation, pipeline
 from inference.core.datasets import scan_folder
 from inference.core.model import Predictor
 from inference.models import ModelVersion
+from inference.selectors import POSITIVE_CLASS, OperatingPoint, operating_point
+
+BINARY = ("NORM", POSITIVE_CLASS)  # the operating point is measured as TUM against normal mucosa
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 class Command(BaseCommand):
@@ -19,7 +27,9 @@ class Command(BaseCommand):
         "and expected calibration error, plus confusion_matrix.png, roc.png and reliability.png beside "
         "it. When the folder holds only some of the model's classes, scores are restricted to those "
         "classes and renormalised (the report says so). Patches the quality check rejects are counted "
-        "and listed, and left out of the metrics."
+        "and listed, and left out of the metrics. With --institution, the institution's operating point "
+        "(its validated TUM-probability threshold, else the model's default) is applied and its "
+        "sensitivity and specificity (TUM against NORM) on these data are reported."
     )
 
     def add_arguments(self, parser):
@@ -30,13 +40,24 @@ class Command(BaseCommand):
         parser.add_argument("--json", dest="json_path", required=True, help="Where to write the JSON report.")
         parser.add_argument("--batch-size", type=int, default=32)
         parser.add_argument("--no-quality-check", action="store_true", help="Score every patch, even rejected ones.")
+        parser.add_argument(
+            "--institution",
+            default="",
+            help="Institution slug: apply its operating point (validate_site) and report it as operating_point.",
+        )
 
     def handle(self, *args, model: str, data: list[str], json_path: str, batch_size: int, **opts):
         directory = self._model_directory(model)
+        institution = None
+        if opts["institution"]:
+            institution = Institution.objects.filter(slug=opts["institution"]).first()
+            if institution is None:
+                raise CommandError(f"no institution with slug {opts['institution']!r}")
         try:
             predictor = Predictor(directory)
         except (OSError, ValueError) as exc:
             raise CommandError(f"cannot load the model at {directory}: {exc}") from None
+        point = self._operating_point(institution, predictor) if institution is not None else None
         images = []
         for root in data:
             try:
@@ -45,7 +66,7 @@ class Command(BaseCommand):
                 raise CommandError(str(exc)) from None
         if not images:
             raise CommandError(f"no images of the model's classes ({', '.join(predictor.classes)}) in {data}")
-        probabilities, labels, rejected = [], [], []
+        probabilities, labels, rejected, tumour = [], [], [], []
         for start in tqdm(range(0, len(images), batch_size), desc="evaluating", unit="batch", file=self.stderr):
             chunk = images[start : start + batch_size]
             outcomes = self._analyse(predictor, chunk, skip_quality=opts["no_quality_check"])
@@ -55,6 +76,7 @@ class Command(BaseCommand):
                     continue
                 probabilities.append([outcome.prediction.scores[c] for c in predictor.classes])
                 labels.append(image.label)
+                tumour.append(outcome.prediction.scores.get(POSITIVE_CLASS))
         if not labels:
             raise CommandError("every patch was rejected by the quality check; see --no-quality-check")
         report = evaluation.evaluate(np.array(probabilities), labels, list(predictor.classes))
@@ -70,6 +92,7 @@ class Command(BaseCommand):
             },
             "data": data,
             "quality_rejected": rejected,
+            **({"operating_point": self._measured(point, tumour, labels)} if point is not None else {}),
             **report,
             "plots": [p.name for p in plots],
         }
@@ -80,7 +103,47 @@ class Command(BaseCommand):
             + (f" ({report['note']})" if report["note"] else "")
             + (f"; {len(rejected)} rejected by quality check" if rejected else "")
         )
+        if point is not None:
+            measured = report["operating_point"]
+            if measured is None:
+                self.stdout.write(f"The model has no {POSITIVE_CLASS} class: no operating point applies.")
+            else:
+                status = "validated" if measured["validated"] else "not validated"
+                self.stdout.write(
+                    f"Operating point of {opts['institution']} ({status} at this site): {POSITIVE_CLASS} probability "
+                    f">= {measured['threshold']:.4f}, sensitivity {_fmt(measured['sensitivity'])}, specificity "
+                    f"{_fmt(measured['specificity'])}"
+                )
         self.stdout.write(f"Wrote {out} and {', '.join(p.name for p in plots)}")
+
+    def _operating_point(self, institution: Institution, predictor: Predictor) -> OperatingPoint:
+        version = ModelVersion.objects.filter(
+            name=predictor.metadata["name"],
+            version=str(predictor.metadata["version"]),
+            file_sha256=predictor.file_sha256,
+        ).first()
+        if version is None:
+            raise CommandError(
+                f"the model at {predictor.directory} is not registered: --institution needs a registered version"
+            )
+        return operating_point(institution_id=institution.pk, model_version=version)
+
+    @staticmethod
+    def _measured(point: OperatingPoint, tumour: list[float | None], labels: list[str]) -> dict | None:
+        """The operating point's sensitivity (TUM) and specificity (NORM) on the evaluated patches."""
+        if not tumour or tumour[0] is None:
+            return None
+        keep = [i for i, label in enumerate(labels) if label in BINARY]
+        scores = np.array([tumour[i] for i in keep], dtype=np.float64)
+        positives = np.array([labels[i] == POSITIVE_CLASS for i in keep], dtype=bool)
+        rates = evaluation.rates_at_threshold(scores, positives, point.threshold)
+        return {
+            "class": POSITIVE_CLASS,
+            "threshold": point.threshold,
+            "sensitivity": rates["sensitivity"]["value"],
+            "specificity": rates["specificity"]["value"],
+            "validated": point.validated,
+        }
 
     def _analyse(self, predictor, chunk, *, skip_quality: bool):
         payloads = [image.path.read_bytes() for image in chunk]
