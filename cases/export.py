@@ -50,6 +50,18 @@ def patient_group(institution_id: int, patient_id: int) -> str:
     return hmac.new(key, f"patient:{institution_id}:{patient_id}".encode(), hashlib.sha256).hexdigest()[:16]
 
 
+def export_bytes(stored: bytes) -> bytes:
+    """A stored patch as the export writes it (PNG of the decoded pixels)."""
+    buffer = io.BytesIO()
+    decode_rgb(stored).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def export_digest(stored: bytes) -> str:
+    """SHA-256 of ``export_bytes``: how a model's lineage names the reviewed patches it was trained on."""
+    return hashlib.sha256(export_bytes(stored)).hexdigest()
+
+
 def reviews_export(
     *, out: str | Path, since: datetime.datetime | None = None, institution=None, model_version=None
 ) -> dict:
@@ -75,10 +87,7 @@ def reviews_export(
         if final is None:
             continue  # a second read or an adjudication is still missing: not ground truth yet
         with default_storage.open(patch.storage_name, "rb") as handle:
-            image = decode_rgb(handle.read())
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        data = buffer.getvalue()
+            data = export_bytes(handle.read())
         digest = hashlib.sha256(data).hexdigest()
         relative = f"{final}/{digest[:24]}.png"
         (out / final).mkdir(parents=True, exist_ok=True)

@@ -301,7 +301,7 @@ class SiteValidationAdmin(InstitutionScopedAdmin, ReadOnlyAdmin):
                 validation = site_validate(
                     institution=institution,
                     model_version=version,
-                    images=site_images_from_reviews(institution=institution),
+                    images=site_images_from_reviews(institution=institution, model_version=version),
                     data_source=REVIEWS_SOURCE,
                     target_sensitivity=form.cleaned_data["target_sensitivity"],
                     min_per_class=form.cleaned_data["min_per_class"],

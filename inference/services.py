@@ -135,6 +135,7 @@ def shadow_evaluate(*, candidate: ModelVersion, baseline: ModelVersion) -> dict:
     """
     import numpy as np
 
+    from cases.export import export_digest
     from cases.models import Review
     from inference.core import evaluation
 
@@ -150,6 +151,15 @@ def shadow_evaluate(*, candidate: ModelVersion, baseline: ModelVersion) -> dict:
     for review in reviews:
         with default_storage.open(review.patch.storage_name, "rb") as handle:
             payloads.append(handle.read())
+    # A version fine-tuned on reviewed patches is judged only on the reviews it did not see.
+    seen = trained_on(candidate) | trained_on(baseline)
+    if seen:
+        kept = [(r, p) for r, p in zip(reviews, payloads, strict=True) if export_digest(p) not in seen]
+        result["left_out_trained_on"] = len(reviews) - len(kept)
+        result["patches"] = len(kept)
+        reviews, payloads = [r for r, _ in kept], [p for _, p in kept]
+        if not reviews:
+            return result
     truth = [r.final_label for r in reviews]
     keep = sorted(set(truth))
     for name, version in (("candidate", candidate), ("active", baseline)):
@@ -164,6 +174,12 @@ def shadow_evaluate(*, candidate: ModelVersion, baseline: ModelVersion) -> dict:
         correct = sum(p == t for p, t in zip(predicted, truth, strict=True))
         result[name] = {"version": str(version), "accuracy": round(correct / len(truth), 6), "correct": correct}
     return result
+
+
+def trained_on(version: ModelVersion) -> set[str]:
+    """Export digests (``cases.export.export_digest``) of the reviewed patches a version was trained on."""
+    lineage = ((version.metadata or {}).get("training") or {}).get("lineage") or {}
+    return set(lineage.get("trained_on_sha256") or [])
 
 
 def model_activate(

@@ -91,29 +91,36 @@ def site_images_from_folder(*, directory: str | Path, classes: list[str]) -> lis
     return [SiteImage(label=image.label, name=str(image.path.relative_to(root)), path=image.path) for image in found]
 
 
-def site_images_from_reviews(*, institution) -> list[SiteImage]:
+def site_images_from_reviews(*, institution, model_version: ModelVersion | None = None) -> list[SiteImage]:
     """The institution's reviewed NORM and TUM patches, the final reviewed class as truth.
 
     Final classes are chosen as ``export_reviews`` chooses them (``cases.review.final_labels``):
     a patch whose second read or adjudication is still missing is not ground truth yet. Only NORM
     and TUM are taken, the two classes the operating point is about, so rarer classes cannot make
-    the per-class minimum fail.
+    the per-class minimum fail. Patches ``model_version`` was fine-tuned on (its lineage) are left
+    out: a model is validated on reviews it has not seen.
     """
+    from cases.export import export_digest
     from cases.models import BiopsyCase, TissuePatch
     from cases.review import final_labels
+    from inference.services import trained_on
 
     truth: dict[int, str] = {}
     for case in BiopsyCase.objects.filter(institution=institution, patches__reviews__isnull=False).distinct():
         truth.update(final_labels(case))
     wanted = {pk: label for pk, label in truth.items() if label in (NEGATIVE_CLASS, POSITIVE_CLASS)}
+    seen = trained_on(model_version) if model_version is not None else set()
     images, unreadable = [], []
     for patch in TissuePatch.objects.filter(pk__in=wanted).order_by("pk"):
         name = f"patch {patch.pk}"
         try:
             with default_storage.open(patch.storage_name, "rb") as handle:
-                images.append(SiteImage(label=wanted[patch.pk], name=name, data=handle.read()))
+                data = handle.read()
         except OSError as exc:
             unreadable.append(f"{name} ({exc})")
+            continue
+        if not (seen and export_digest(data) in seen):
+            images.append(SiteImage(label=wanted[patch.pk], name=name, data=data))
     if unreadable:
         raise SiteValidationError(f"{len(unreadable)} stored patch file(s) cannot be read: {_names(unreadable)}")
     return images

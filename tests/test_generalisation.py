@@ -145,7 +145,7 @@ def reviewed_export(institution, clinician, demo_model, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.django_db
-def test_fine_tuning_from_a_version_records_both_parents(reviewed_export, demo_model, tmp_path):
+def test_fine_tuning_from_a_version_records_both_parents(reviewed_export, demo_model, institution, tmp_path):
     out, version = reviewed_export
     text = io.StringIO()
     call_command(
@@ -164,6 +164,16 @@ def test_fine_tuning_from_a_version_records_both_parents(reviewed_export, demo_m
     assert meta["training"]["config"]["head_learning_rate"] == 2e-4
     assert "site-tuned" in (tmp_path / "tuned" / "MODEL_CARD.md").read_text()
     assert "Fine-tuned from" in (tmp_path / "tuned" / "MODEL_CARD.md").read_text()
+
+    # Shadow evaluation and site validation judge it only on reviews it was not trained on.
+    from inference.services import model_register, shadow_evaluate
+    from inference.sites import site_images_from_reviews
+
+    tuned, _ = model_register(directory=tmp_path / "tuned")
+    shadow = shadow_evaluate(candidate=tuned, baseline=demo_model)
+    assert shadow["left_out_trained_on"] == 7 and shadow["patches"] == 0
+    assert site_images_from_reviews(institution=institution, model_version=tuned) == []
+    assert len(site_images_from_reviews(institution=institution, model_version=demo_model)) == 7
 
 
 @pytest.mark.django_db
