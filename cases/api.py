@@ -95,10 +95,38 @@ class PatientSerializer(serializers.ModelSerializer):
 
 class PredictionSerializer(serializers.ModelSerializer):
     model_version = serializers.CharField(source="model_version.__str__", help_text="The exact model version.")
+    suspected_tumour = serializers.BooleanField(
+        read_only=True,
+        allow_null=True,
+        help_text="The TUM probability is at or above `tumour_threshold`, the operating point of this "
+        "institution when the patch was analysed; null for a model without a TUM class or a result "
+        "stored before operating points.",
+    )
+    tumour_threshold = serializers.FloatField(
+        read_only=True,
+        allow_null=True,
+        help_text="The TUM-probability threshold (0..1) `suspected_tumour` was judged by: this site's "
+        "validated threshold, or the model's default when `validated_at_site` is false.",
+    )
+    validated_at_site = serializers.BooleanField(
+        read_only=True,
+        help_text="The model version had passed a validation on this institution's own tissue; false: "
+        "not validated at this site, the model's default threshold applied.",
+    )
 
     class Meta:
         model = Prediction
-        fields = ["label", "scores", "uncertainty", "needs_attention", "model_version", "created_at"]
+        fields = [
+            "label",
+            "scores",
+            "uncertainty",
+            "needs_attention",
+            "suspected_tumour",
+            "tumour_threshold",
+            "validated_at_site",
+            "model_version",
+            "created_at",
+        ]
 
 
 class ReviewSerializer(serializers.ModelSerializer):

@@ -27,11 +27,20 @@ CLASS_NAMES = {
     "TUM": "Colorectal adenocarcinoma epithelium",
 }
 SNOMED = {"TUM": ("35917007", "Adenocarcinoma, no subtype")}
+OBSERVATION_CODES = f"{SYSTEM}/CodeSystem/observation"
+INTERPRETATION = "http://terminology.hl7.org/CodeSystem/v3-ObservationInterpretation"
+VALIDATED_AT_SITE = f"{SYSTEM}/StructureDefinition/validated-at-site"
+PROBABILITY_UNIT = {"unit": "probability", "system": "http://unitsofmeasure.org", "code": "1"}
 GENDER = {Patient.Sex.FEMALE: "female", Patient.Sex.MALE: "male", Patient.Sex.OTHER: "other"}
 
 
 def _urn(kind: str, pk: int, institution_id: int) -> str:
     return "urn:uuid:" + str(uuid.uuid5(uuid.NAMESPACE_URL, f"{SYSTEM}/{institution_id}/{kind}/{pk}"))
+
+
+def _number(value: float) -> str:
+    """A probability in text, to 6 significant digits, so that a score close to a threshold reads apart from it."""
+    return f"{float(value):.6g}"
 
 
 def _tissue_concept(label: str) -> dict:
@@ -46,19 +55,14 @@ def _observation(patch: TissuePatch, prediction, refs: dict) -> dict:
     components = [
         {
             "code": {"coding": [{"system": TISSUE_CLASSES, "code": name}], "text": f"Probability of {name}"},
-            "valueQuantity": {
-                "value": round(float(p), 6),
-                "unit": "probability",
-                "system": "http://unitsofmeasure.org",
-                "code": "1",
-            },
+            "valueQuantity": {"value": round(float(p), 6), **PROBABILITY_UNIT},
         }
         for name, p in prediction.scores.items()
     ]
     if prediction.uncertainty is not None:
         components.append(
             {
-                "code": {"coding": [{"system": f"{SYSTEM}/CodeSystem/observation", "code": "uncertainty"}]},
+                "code": {"coding": [{"system": OBSERVATION_CODES, "code": "uncertainty"}]},
                 "valueQuantity": {
                     "value": round(float(prediction.uncertainty), 6),
                     "unit": "1",
@@ -67,9 +71,68 @@ def _observation(patch: TissuePatch, prediction, refs: dict) -> dict:
                 },
             }
         )
+    notes = [{"text": f"Patch {patch.original_name} ({patch.width}x{patch.height} px, sha256 {patch.sha256})"}]
+    interpretation = []
+    if prediction.tumour_threshold is not None:
+        components.append(
+            {
+                "code": {
+                    "coding": [{"system": OBSERVATION_CODES, "code": "tumour-threshold"}],
+                    "text": "TUM-probability threshold (operating point) the result was judged by",
+                },
+                "valueQuantity": {"value": round(float(prediction.tumour_threshold), 6), **PROBABILITY_UNIT},
+            }
+        )
+    if prediction.suspected_tumour is not None:
+        suspected = prediction.suspected_tumour
+        components.append(
+            {
+                "code": {
+                    "coding": [{"system": OBSERVATION_CODES, "code": "suspected-tumour"}],
+                    "text": "Suspected tumour: TUM probability at or above the threshold",
+                },
+                "valueBoolean": suspected,
+            }
+        )
+        interpretation.append(
+            {
+                "coding": [
+                    {"system": INTERPRETATION, "code": "POS" if suspected else "NEG"},
+                    {"system": OBSERVATION_CODES, "code": "suspected-tumour" if suspected else "not-suspected-tumour"},
+                ],
+                "text": (
+                    f"{'Suspected tumour' if suspected else 'Not suspected of tumour'}: TUM probability "
+                    f"{_number(prediction.scores['TUM'])} {'at or above' if suspected else 'below'} "
+                    f"{'this site' if prediction.validated_at_site else 'the model'}'s threshold "
+                    f"{_number(prediction.tumour_threshold)}"
+                ),
+            }
+        )
+    validation = prediction.site_validation
+    if validation is not None:
+        notes.append(
+            {
+                "text": f"Judged by this site's threshold {_number(validation.threshold)}, from the site validation "
+                f"of {validation.created_at:%Y-%m-%d} (tumour sensitivity {validation.sensitivity:.1%}, "
+                f"specificity {validation.specificity:.1%})."
+            }
+        )
+    else:
+        notes.append(
+            {
+                "text": "Not validated at this site: this model version has no passing validation on the "
+                "institution's own tissue"
+                + (
+                    f"; the model's default threshold {_number(prediction.tumour_threshold)} applied."
+                    if prediction.tumour_threshold is not None
+                    else "."
+                )
+            }
+        )
     observation = {
         "resourceType": "Observation",
         "id": f"patch-{patch.pk}",
+        "extension": [{"url": VALIDATED_AT_SITE, "valueBoolean": prediction.validated_at_site}],
         "status": "preliminary",
         "category": [
             {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/observation-category", "code": "laboratory"}]}
@@ -85,9 +148,11 @@ def _observation(patch: TissuePatch, prediction, refs: dict) -> dict:
         "method": {
             "text": f"{prediction.model_version} (needs attention: {'yes' if prediction.needs_attention else 'no'})"
         },
-        "note": [{"text": f"Patch {patch.original_name} ({patch.width}x{patch.height} px, sha256 {patch.sha256})"}],
+        "note": notes,
         "component": components,
     }
+    if interpretation:
+        observation["interpretation"] = interpretation
     return observation
 
 
@@ -117,7 +182,7 @@ def case_bundle(case: BiopsyCase) -> dict:
         "collection": {"bodySite": {"text": case.specimen_site}},
     }
     entries = [(refs["patient"], patient_resource), (refs["specimen"], specimen)]
-    results, labels = [], []
+    results, labels, suspected, not_validated = [], [], 0, 0
     for patch in case.patches.all():
         prediction = next(iter(patch.predictions.all()), None)
         if prediction is None:
@@ -139,6 +204,8 @@ def case_bundle(case: BiopsyCase) -> dict:
         entries.append((ref, observation))
         results.append({"reference": ref})
         labels.append(prediction.label)
+        suspected += prediction.suspected_tumour is True
+        not_validated += not prediction.validated_at_site
     pending = sum(p.status in TissuePatch.PENDING for p in case.patches.all())
     tumour = labels.count("TUM")
     sign_out = getattr(case, "sign_out", None)
@@ -154,8 +221,14 @@ def case_bundle(case: BiopsyCase) -> dict:
         status = "preliminary" if not pending else "partial"
         conclusion = (
             f"AI analysis (not yet reviewed by a pathologist): {tumour} of {len(labels)} analysed patches classified "
-            f"as adenocarcinoma epithelium (TUM)" + (f"; {pending} patches still being analysed." if pending else ".")
+            f"as adenocarcinoma epithelium (TUM); {suspected} suspected of tumour (TUM probability at or above "
+            f"the operating point)" + (f"; {pending} patches still being analysed." if pending else ".")
         )
+        if not_validated:
+            conclusion += (
+                f" {not_validated} of {len(labels)} results are not validated at this site: "
+                "the model's default threshold applied."
+            )
     report = {
         "resourceType": "DiagnosticReport",
         "id": f"report-{case.pk}",

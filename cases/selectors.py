@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from django.db.models import Case, Prefetch, QuerySet, When
+from django.db.models import Case, Count, F, Max, Prefetch, Q, QuerySet, When
 
 from accounts.permissions import institution_of
 from cases.models import BiopsyCase, Patient, TissuePatch
@@ -19,7 +19,10 @@ def case_with_results(*, principal, case_id: int) -> BiopsyCase:
     from inference.models import Prediction
 
     patches = TissuePatch.objects.order_by("id").prefetch_related(
-        Prefetch("predictions", queryset=Prediction.objects.select_related("model_version").order_by("-id")),
+        Prefetch(
+            "predictions",
+            queryset=Prediction.objects.select_related("model_version", "site_validation").order_by("-id"),
+        ),
         "reviews__pathologist",
     )
     return (
@@ -37,12 +40,32 @@ def patients_visible_to(*, principal) -> QuerySet[Patient]:
     return Patient.objects.filter(institution=institution)
 
 
-def worklist(*, principal, status: str = "ready_for_review", priority: str = "", site: str = "", since=None):
-    """Cases for a pathologist: urgent first, then the least certain AI results, then suspected
-    tumour, then the oldest. Annotated with ``ai_max_uncertainty``, ``ai_tumour_patches`` and
-    ``ai_attention`` (patches flagged as needing attention)."""
-    from django.db.models import Count, F, Max, Q
+def with_ai_summary(cases: QuerySet[BiopsyCase]) -> QuerySet[BiopsyCase]:
+    """Annotate each case with its AI results, in the same query:
 
+    ``ai_max_uncertainty``; ``ai_tumour_patches``: predictions judged "suspected tumour" by the
+    operating point stored with them (their TUM probability at or above the site's threshold);
+    ``ai_attention``: predictions flagged as needing attention; ``ai_not_validated``: predictions
+    made by a model not validated at the case's institution (the model's default threshold applied).
+    """
+    predictions = "patches__predictions"
+    # Predictions stored before operating points existed carry no threshold and no judgement:
+    # for those the AI's class is all there is, as the worklist counted them then.
+    suspected = Q(patches__predictions__suspected_tumour=True) | Q(
+        patches__predictions__tumour_threshold__isnull=True, patches__predictions__label="TUM"
+    )
+    return cases.annotate(
+        ai_max_uncertainty=Max("patches__predictions__uncertainty"),
+        ai_tumour_patches=Count(predictions, filter=suspected),
+        ai_attention=Count(predictions, filter=Q(patches__predictions__needs_attention=True)),
+        ai_not_validated=Count(predictions, filter=Q(patches__predictions__site_validation__isnull=True)),
+    )
+
+
+def worklist(*, principal, status: str = "ready_for_review", priority: str = "", site: str = "", since=None):
+    """Cases for a pathologist: urgent first, then the least certain AI results, then the most
+    patches suspected of tumour at the site's operating point, then the oldest. Annotated as by
+    ``with_ai_summary``."""
     cases = cases_visible_to(principal=principal)
     if status:
         cases = cases.filter(status=status)
@@ -52,21 +75,16 @@ def worklist(*, principal, status: str = "ready_for_review", priority: str = "",
         cases = cases.filter(specimen_site__icontains=site)
     if since is not None:
         cases = cases.filter(created_at__gte=since)
-    cases = cases.annotate(
-        ai_max_uncertainty=Max("patches__predictions__uncertainty"),
-        ai_tumour_patches=Count("patches__predictions", filter=Q(patches__predictions__label="TUM")),
-        ai_attention=Count("patches__predictions", filter=Q(patches__predictions__needs_attention=True)),
-    )
     urgent_first = Case(When(priority=BiopsyCase.Priority.URGENT, then=0), default=1)
-    return cases.select_related("patient", "assigned_to").order_by(
-        urgent_first, F("ai_max_uncertainty").desc(nulls_last=True), "-ai_tumour_patches", "created_at", "id"
+    return (
+        with_ai_summary(cases)
+        .select_related("patient", "assigned_to")
+        .order_by(urgent_first, F("ai_max_uncertainty").desc(nulls_last=True), "-ai_tumour_patches", "created_at", "id")
     )
 
 
 def case_counts(*, principal) -> dict[str, int]:
     """{status: number of the institution's cases}, every status present."""
-    from django.db.models import Count
-
     counts = dict(cases_visible_to(principal=principal).values_list("status").annotate(n=Count("id")))
     return {value: counts.get(value, 0) for value in BiopsyCase.Status.values}
 

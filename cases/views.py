@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import datetime
 import io
+from dataclasses import dataclass
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -36,6 +38,7 @@ from cases.selectors import (
     case_with_results,
     cases_visible_to,
     patients_visible_to,
+    with_ai_summary,
     worklist,
 )
 from cases.services import CaseError, NoValidImage, PatientData, case_create, patch_upload
@@ -56,7 +59,7 @@ def _visible_case(request, pk: int) -> BiopsyCase:
 
 @login_required
 def case_list(request):
-    cases = cases_visible_to(principal=request.user).order_by("-created_at", "-id")
+    cases = with_ai_summary(cases_visible_to(principal=request.user)).order_by("-created_at", "-id")
     status = request.GET.get("status", "")
     if status in BiopsyCase.Status.values:
         cases = cases.filter(status=status)
@@ -109,6 +112,41 @@ def case_detail(request, pk: int):
     return _render_case(request, case)
 
 
+@dataclass(frozen=True)
+class TumourJudgement:
+    """How a prediction reads against the operating point stored with it, for the case page."""
+
+    score: str  # TUM probability, with as many decimals as it takes to tell it from the threshold
+    threshold: str
+    suspected: bool
+    validated: bool
+    validation_date: datetime.datetime | None  # when the site validation that set the threshold was made
+
+
+def _decimals(a: float, b: float) -> int:
+    """The fewest decimals (2 to 6) at which ``a`` and ``b`` print differently, if they differ."""
+    for digits in range(2, 7):
+        if round(a, digits) != round(b, digits):
+            return digits
+    return 6
+
+
+def tumour_judgement(prediction) -> TumourJudgement | None:
+    """None for a model without a TUM class, or a prediction stored before operating points."""
+    score = (prediction.scores or {}).get("TUM")
+    if score is None or prediction.tumour_threshold is None or prediction.suspected_tumour is None:
+        return None
+    digits = _decimals(score, prediction.tumour_threshold)
+    validation = prediction.site_validation
+    return TumourJudgement(
+        score=f"{score:.{digits}f}",
+        threshold=f"{prediction.tumour_threshold:.{digits}f}",
+        suspected=prediction.suspected_tumour,
+        validated=validation is not None,
+        validation_date=validation.created_at if validation is not None else None,
+    )
+
+
 def _render_case(
     request, case: BiopsyCase, upload_errors: list[str] | None = None, action_errors=None, status: int | None = None
 ):
@@ -133,8 +171,10 @@ def _render_case(
         patch.reads = reads_by_patch.get(patch.pk, []) if patch.disagreement else []
         if patch.latest_prediction:
             patch.sorted_scores = sorted(patch.latest_prediction.scores.items(), key=lambda kv: -kv[1])
+            patch.tumour = tumour_judgement(patch.latest_prediction)
     pending = any(p.status in TissuePatch.PENDING for p in patches)
     any_heatmap = any(p.latest_prediction and p.latest_prediction.heatmaps for p in patches)
+    not_validated = sum(1 for p in patches if p.latest_prediction and not p.latest_prediction.validated_at_site)
     return render(
         request,
         "cases/case_detail.html",
@@ -144,6 +184,7 @@ def _render_case(
             "pending": pending and not upload_errors,
             "upload_errors": upload_errors,
             "any_heatmap": any_heatmap,
+            "not_validated": not_validated,
             "history": history,
             "action_errors": action_errors,
             "can_review": getattr(request.user, "role", None) == "pathologist",
@@ -291,7 +332,8 @@ def case_addendum(request, pk: int):
 
 @login_required
 def case_worklist(request):
-    """The review worklist: urgent first, then the least certain AI results, then suspected tumour."""
+    """The review worklist: urgent first, then the least certain AI results, then suspected tumour
+    (as judged by the operating point stored with each prediction)."""
     params = request.GET
     status = params.get("status", BiopsyCase.Status.READY_FOR_REVIEW)
     status = status if status in BiopsyCase.Status.values or status == "" else BiopsyCase.Status.READY_FOR_REVIEW

@@ -102,6 +102,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "inference.context_processors.drift_alert",
             ],
         },
     },
@@ -175,6 +176,8 @@ WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 10)
 SITE_VALIDATION_MIN_PER_CLASS = env_int("SITE_VALIDATION_MIN_PER_CLASS", 100)
 SITE_TARGET_SENSITIVITY = float(env_str("SITE_TARGET_SENSITIVITY", "0.98"))
 REQUIRE_SITE_VALIDATION = env_bool("REQUIRE_SITE_VALIDATION", not DEBUG)
+# Drift monitoring: a week's figure over fewer patches than this is shown but not judged.
+DRIFT_MIN_PATCHES = env_int("DRIFT_MIN_PATCHES", 20)
 
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://")
 BROKER_DIR = DATA_DIR / "broker"

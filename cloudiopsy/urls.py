@@ -23,6 +23,7 @@ urlpatterns = [
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("cases/", include("cases.urls")),
+    path("monitoring/", include("inference.urls")),
     path("api/v1/", include((api_v1, "api"), namespace="api")),
     path("healthz", healthz, name="healthz"),
     path("admin/", admin.site.urls),

@@ -134,3 +134,6 @@ CASE_PAYLOAD = {
     "priority": "urgent",
     "clinical_notes": "Polyp, 12 mm.",
 }
+
+
+from tests.browser import browser  # noqa: E402, F401 - the headless Chromium fixture, for every browser test

@@ -107,7 +107,10 @@ def test_results_need_the_results_scope(world, institution, demo_model):
     assert without["status"] == "done" and without["prediction"] is None
     prediction = with_results.json()["prediction"]
     assert prediction["label"] == "TUM" and prediction["model_version"] == str(demo_model)
-    assert set(prediction) == {"label", "scores", "uncertainty", "needs_attention", "model_version", "created_at"}
+    assert set(prediction) == {
+        "label", "scores", "uncertainty", "needs_attention", "model_version", "created_at",
+        "suspected_tumour", "tumour_threshold", "validated_at_site",
+    }  # fmt: skip
 
 
 def test_patch_image_is_the_stored_pixels_as_png(world, institution):

@@ -2,70 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
 import time
-from pathlib import Path
 
 import pytest
 
 from accounts.models import User
 from cases.models import TissuePatch
 from inference import services
-from tests.conftest import fixture_patch, make_user, unavailable
+from tests.browser import texts, wait_text
+from tests.conftest import fixture_patch, make_user
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
-
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMEDRIVER = Path("/usr/bin/chromedriver")
-
-
-@pytest.fixture
-def browser(tmp_path):
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        unavailable("Chromium is not installed (Debian packages chromium and chromium-driver)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in (
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--no-first-run",
-        f"--user-data-dir={tmp_path / 'chromium'}",
-        "--window-size=1280,1000",
-    ):
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    driver.implicitly_wait(5)
-    yield driver
-    driver.quit()
-    shutil.rmtree(tmp_path / "chromium", ignore_errors=True)
-
-
-def _texts(driver, css: str) -> list[str]:
-    """Texts of the matching elements, read again if the page refreshed under us."""
-    from selenium.common.exceptions import StaleElementReferenceException
-    from selenium.webdriver.common.by import By
-
-    for _ in range(10):
-        try:
-            return [e.text for e in driver.find_elements(By.CSS_SELECTOR, css)]
-        except StaleElementReferenceException:
-            time.sleep(0.2)
-    raise AssertionError(f"{css} kept going stale")
-
-
-def _wait_text(driver, css: str, text: str, timeout: float = 20) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(text in t for t in _texts(driver, css)):
-            return
-        time.sleep(0.3)
-    raise AssertionError(f"{text!r} never appeared in {css}; page: {driver.page_source[-3000:]}")
 
 
 def test_clinician_creates_case_uploads_and_sees_results(browser, live_server, institution, demo_model, tmp_path):
@@ -77,10 +24,10 @@ def test_clinician_creates_case_uploads_and_sees_results(browser, live_server, i
     browser.find_element(By.ID, "id_username").send_keys("dr-web")
     browser.find_element(By.ID, "id_password").send_keys("wrong password")
     browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    _wait_text(browser, ".errors", "did not match")
+    wait_text(browser, ".errors", "did not match")
     browser.find_element(By.ID, "id_password").send_keys("not-a-real-pass-1")
     browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    _wait_text(browser, "h1", "Cases")
+    wait_text(browser, "h1", "Cases")
 
     browser.find_element(By.LINK_TEXT, "New case").click()
     for field, value in {
@@ -91,20 +38,20 @@ def test_clinician_creates_case_uploads_and_sees_results(browser, live_server, i
     }.items():
         browser.find_element(By.ID, field).send_keys(value)
     browser.find_element(By.CSS_SELECTOR, "form.card button[type=submit]").click()
-    _wait_text(browser, "h1", "Case S26-WEB")
+    wait_text(browser, "h1", "Case S26-WEB")
 
     files = [fixture_patch("TUM-TCGA-KECNIDCQ.png"), fixture_patch("NORM-TCGA-INTLNRAV.png")]
     browser.find_element(By.ID, "id_image").send_keys("\n".join(str(f) for f in files))
     browser.find_element(By.CSS_SELECTOR, "form[enctype] button[type=submit]").click()
-    _wait_text(browser, ".messages", "2 patch(es) uploaded")
-    _wait_text(browser, ".patch .badge", "Queued")
+    wait_text(browser, ".messages", "2 patch(es) uploaded")
+    wait_text(browser, ".patch .badge", "Queued")
     browser.save_screenshot(str(tmp_path / "queued.png"))
 
     # The worker's service, run here; the page refreshes itself until the results are in.
     ids = list(TissuePatch.objects.values_list("id", flat=True))
     services.prediction_run(patch_ids=ids)
-    _wait_text(browser, "#case-status", "Ready for review", timeout=30)
-    assert _texts(browser, ".patch strong.label") == ["TUM", "NORM"]
+    wait_text(browser, "#case-status", "Ready for review", timeout=30)
+    assert texts(browser, ".patch strong.label") == ["TUM", "NORM"]
     images = browser.find_elements(By.CSS_SELECTOR, ".patch img:not(.overlay)")
     assert len(images) == 2
     assert all(browser.execute_script("return arguments[0].naturalWidth", img) == 224 for img in images)
@@ -140,21 +87,21 @@ def test_pathologist_reviews_with_shortcuts_and_signs_out(browser, live_server, 
     browser.find_element(By.ID, "id_username").send_keys("dr-path")
     browser.find_element(By.ID, "id_password").send_keys("not-a-real-pass-1")
     browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
-    _wait_text(browser, "h1", "Cases")
+    wait_text(browser, "h1", "Cases")
     browser.get(f"{live_server.url}/cases/worklist/")
-    _wait_text(browser, "#worklist", "S26-PATH")
+    wait_text(browser, "#worklist", "S26-PATH")
     browser.find_element(By.LINK_TEXT, "S26-PATH").click()
-    _wait_text(browser, "h1", "Case S26-PATH")
+    wait_text(browser, "h1", "Case S26-PATH")
     sign_out = browser.find_element(By.CSS_SELECTOR, "#sign-out-form button[type=submit]")
     assert not sign_out.is_enabled()  # every patch must be reviewed first
 
     browser.find_element(By.TAG_NAME, "body").send_keys("c")  # confirm the next unreviewed patch
-    _wait_text(browser, ".messages", "confirmed as TUM")
+    wait_text(browser, ".messages", "confirmed as TUM")
     browser.find_element(By.TAG_NAME, "body").send_keys("a")  # confirm all the rest
-    _wait_text(browser, ".messages", "Confirmed 1 patch(es)")
-    assert _texts(browser, ".patch .final strong") == ["TUM", "NORM"]
+    wait_text(browser, ".messages", "Confirmed 1 patch(es)")
+    assert texts(browser, ".patch .final strong") == ["TUM", "NORM"]
     browser.find_element(By.ID, "id_comment").send_keys("Invasive adenocarcinoma.")
     browser.find_element(By.CSS_SELECTOR, "#sign-out-form button[type=submit]").click()
-    _wait_text(browser, "#sign-out h2", "Signed out: Adenocarcinoma present")
+    wait_text(browser, "#sign-out h2", "Signed out: Adenocarcinoma present")
     assert not browser.find_elements(By.CSS_SELECTOR, "form.review")  # read-only now
     assert "Invasive adenocarcinoma." in browser.find_element(By.ID, "sign-out").text
