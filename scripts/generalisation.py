@@ -93,11 +93,13 @@ def main() -> int:
     print()
     print(f"{'recipe':<28} {'protocol':<22} {'n':>4} {'acc':>6} {'sens':>6} {'spec':>6} {'AUC':>6}")
     for label, result in results.items():
-        for protocol, f in result["pooled"].items():
-            print(
-                f"{label:<28} {protocol:<22} {f['images']:>4} {f['accuracy']:>6.3f} {f['sensitivity']:>6.3f} "
-                f"{f['specificity']:>6.3f} {f.get('roc_auc', float('nan')):>6.3f}"
-            )
+        for protocol, figures in result["pooled"].items():
+            rows = [(protocol, figures)] + [(f"  {p}", f) for p, f in figures.get("per_profile", {}).items()]
+            for name, f in rows:
+                print(
+                    f"{label:<28} {name:<22} {f['images']:>4} {f['accuracy']:>6.3f} {f['sensitivity']:>6.3f} "
+                    f"{f['specificity']:>6.3f} {f.get('roc_auc', float('nan')):>6.3f}"
+                )
     print(f"\nwrote {args.json}")
     return 0
 

@@ -451,15 +451,15 @@ def binary_figures(tum: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
 
 def simulated_other_labs(
     model, held_out: list[LabelledImage], config: TrainingConfig, temperature: float
-) -> tuple[np.ndarray, np.ndarray]:
-    """(TUM share of the NORM/TUM scores, truth) of the held-out NORM and TUM tiles as each of
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(TUM share of the NORM/TUM scores, truth, lab profile) of the held-out NORM and TUM tiles as each of
     ``otherlab.PROFILES`` would deliver them (see ``inference.core.otherlab``)."""
     from inference.core import otherlab
 
     pair = [i for i in held_out if i.label in {"NORM", "TUM"}]
     if not pair or not {"NORM", "TUM"} <= set(config.classes):
-        return np.zeros(0), np.zeros(0, dtype=bool)
-    views, truth = [], []
+        return np.zeros(0), np.zeros(0, dtype=bool), []
+    views, truth, names = [], [], []
     for k, image in enumerate(pair):
         mates = [m for m in pair if m.label == image.label and m is not image] or [image]
         for p, profile in enumerate(otherlab.PROFILES):
@@ -480,6 +480,7 @@ def simulated_other_labs(
                 )
             )
             truth.append(image.label == "TUM")
+            names.append(profile.name)
     logits = np.concatenate(
         [
             np.asarray(
@@ -490,7 +491,7 @@ def simulated_other_labs(
     )
     probabilities = evaluation.softmax(logits, temperature)
     binary = evaluation.restrict_to_classes(probabilities, list(config.classes), ["NORM", "TUM"])
-    return binary[:, 1], np.array(truth)
+    return binary[:, 1], np.array(truth), names
 
 
 def _as_logits(output):
@@ -530,9 +531,10 @@ def leave_one_dataset_out(
             row["norm_vs_tum_scores"] = [
                 [round(float(v), 5), bool(t)] for v, t in zip(binary[:, 1], truth, strict=True)
             ]
-            simulated, simulated_truth = simulated_other_labs(model, held_out, config, temperature)
+            simulated, simulated_truth, profiles = simulated_other_labs(model, held_out, config, temperature)
             row["simulated_other_lab_scores"] = [
-                [round(float(v), 5), bool(t)] for v, t in zip(simulated, simulated_truth, strict=True)
+                [round(float(v), 5), bool(t), name]
+                for v, t, name in zip(simulated, simulated_truth, profiles, strict=True)
             ]
             row["simulated_other_lab"] = binary_figures(simulated, simulated_truth)
         results[source] = row
@@ -555,4 +557,13 @@ def pooled_generalisation(lodo: dict[str, dict[str, Any]]) -> dict[str, Any]:
             scores = np.array([r[0] for r in rows], dtype=np.float64)
             truth = np.array([r[1] for r in rows], dtype=bool)
             pooled[name] = binary_figures(scores, truth)
+            profiles = sorted({r[2] for r in rows if len(r) > 2})
+            if profiles:
+                pooled[name]["per_profile"] = {
+                    profile: binary_figures(
+                        np.array([r[0] for r in rows if r[2] == profile], dtype=np.float64),
+                        np.array([r[1] for r in rows if r[2] == profile], dtype=bool),
+                    )
+                    for profile in profiles
+                }
     return pooled
