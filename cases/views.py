@@ -43,6 +43,7 @@ from cases.selectors import (
 )
 from cases.services import CaseError, NoValidImage, PatientData, case_create, patch_upload
 from cases.uploads import read_uploads
+from cloudiopsy.charts import figure_response
 from inference.core.explain import render_heatmap
 from inference.core.preprocessing import decode_rgb
 
@@ -410,12 +411,7 @@ def agreement_chart(request):
     axes.set_title("AI vs pathologist, per week (latest review per patch)")
     for index, (_, n, a) in enumerate(weeks):
         axes.annotate(f"n={n}", (index, 100 * (a or 0)), ha="center", va="bottom", fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    response = HttpResponse(buffer.getvalue(), content_type="image/png")
-    response["Cache-Control"] = "private, no-store"
-    return response
+    return figure_response(figure)
 
 
 @login_required

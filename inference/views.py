@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied
-from django.http import Http404, HttpResponse
+from django.http import Http404
 from django.shortcuts import render
 
 from accounts.models import Institution, User
 from accounts.permissions import institution_of
+from cloudiopsy.charts import figure_response
 from inference import drift
 
 MAX_WEEKS = 52
@@ -124,9 +124,4 @@ def drift_chart(request, group: str):
         axes.tick_params(axis="y", labelsize=7)
         if series[0].kind == "rate":
             axes.set_ylim(-0.02, 1.02)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    response = HttpResponse(buffer.getvalue(), content_type="image/png")
-    response["Cache-Control"] = "private, no-store"
-    return response
+    return figure_response(figure)

@@ -29,12 +29,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from inference.core.datasets import CANONICAL_CLASSES, scan_folder  # noqa: E402
+from inference.core.datasets import CANONICAL_CLASSES, DEMO_SOURCES, DEMO_WEIGHTS, scan_folder  # noqa: E402
 from inference.core.training import TrainingConfig, leave_one_dataset_out, pooled_generalisation  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
-DEFAULT_DATA = ["nct-crc-he-100k-samples", "crc-val-he-7k-png", "kather2016-tfds-224", "kather2016-tiles-150"]
-WEIGHTS = SHARED / "mobilenetv2-0.35-imagenet" / "mobilenet_v2_0.35_224_no_top.h5"
+WEIGHTS = SHARED / DEMO_WEIGHTS
 
 
 def recipe_config(spec: str) -> tuple[str, TrainingConfig]:
@@ -60,7 +59,7 @@ def main() -> int:
     parser.add_argument("--data", action="append", help="Dataset roots (default: the real samples in ../shared/data)")
     parser.add_argument("--json", default=str(ROOT / "var" / "generalisation.json"))
     args = parser.parse_args()
-    roots = args.data or [str(SHARED / name) for name in DEFAULT_DATA]
+    roots = args.data or [str(SHARED / name) for name in DEMO_SOURCES]
     missing = [r for r in roots if not Path(r).is_dir()]
     if missing or not WEIGHTS.is_file():
         print(

@@ -99,6 +99,11 @@ def class_of_folder(name: str) -> str | None:
     return FOLDER_TO_CLASS.get(_folder_key(name))
 
 
+# The real samples the demo model is trained on (folders of ../shared/data) and the ImageNet
+# weights file it starts from, relative to that folder.
+DEMO_SOURCES = ("nct-crc-he-100k-samples", "crc-val-he-7k-png", "kather2016-tfds-224", "kather2016-tiles-150")
+DEMO_WEIGHTS = "mobilenetv2-0.35-imagenet/mobilenet_v2_0.35_224_no_top.h5"
+
 KATHER2016_FOLDERS = {"01_TUMOR", "02_STROMA", "06_MUCOSA", "08_EMPTY"}
 KATHER2016_UM_PER_PX = 0.495
 KATHER2016_TILE_PX = 150

@@ -4,13 +4,12 @@ from pathlib import Path
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
-from inference.core.datasets import CANONICAL_CLASSES, scan_folder
+from inference.core.datasets import CANONICAL_CLASSES, DEMO_SOURCES, DEMO_WEIGHTS, scan_folder
 from inference.core.model import file_sha256
 from inference.core.training import TrainingConfig, leave_one_dataset_out, pooled_generalisation, train_classifier
 
 SHARED_DATA = Path(settings.BASE_DIR).parent / "shared" / "data"
-DEFAULT_DATA = ("nct-crc-he-100k-samples", "crc-val-he-7k-png", "kather2016-tfds-224", "kather2016-tiles-150")
-DEFAULT_WEIGHTS = SHARED_DATA / "mobilenetv2-0.35-imagenet" / "mobilenet_v2_0.35_224_no_top.h5"
+DEFAULT_WEIGHTS = SHARED_DATA / DEMO_WEIGHTS
 
 
 class Command(BaseCommand):
@@ -76,7 +75,7 @@ class Command(BaseCommand):
         parser.add_argument("--out", required=True, help="Output model directory.")
 
     def handle(self, *args, **opts):
-        data = opts["data"] or [str(SHARED_DATA / name) for name in DEFAULT_DATA]
+        data = opts["data"] or [str(SHARED_DATA / name) for name in DEMO_SOURCES]
         if opts["classes"].strip().lower() == "all":
             classes = CANONICAL_CLASSES
         else:
