@@ -182,3 +182,29 @@ def test_fine_tuning_from_an_unknown_version_is_a_clear_error(tmp_path):
 
     with pytest.raises(CommandError, match="neither a model directory nor a registered"):
         call_command("train_model", init_from="nothing:9", data=[str(FIXTURE_PATCHES)], out=str(tmp_path / "x"))
+
+
+def test_default_operating_point_reaches_the_target_on_unseen_labs():
+    from inference.core.training import default_operating_point
+
+    lodo = {
+        "a": {"tum_probabilities": [[0.9, True], [0.2, True], [0.1, False], [0.05, False]]},
+        "b": {"tum_probabilities": [[0.6, True], [0.4, False]]},
+    }
+    point = default_operating_point(lodo, target=0.95)
+    assert point["threshold"] == 0.2 and point["sensitivity"] == 1.0 and point["specificity"] == pytest.approx(2 / 3, abs=1e-5)
+    assert default_operating_point({"a": {"tum_probabilities": [[0.3, False]]}}) is None
+
+
+@pytest.mark.django_db
+def test_unvalidated_sites_get_the_models_own_default_threshold(institution, demo_model):
+    from inference.selectors import operating_point
+
+    point = operating_point(institution_id=institution.pk, model_version=demo_model)
+    expected = (demo_model.metadata.get("operating_point") or {}).get("threshold", 0.5)
+    assert point.threshold == expected and not point.validated
+    demo_model.metadata = {**demo_model.metadata, "operating_point": {"class": "TUM", "threshold": 0.21}}
+    demo_model.save()
+    point = operating_point(institution_id=institution.pk, model_version=demo_model)
+    assert point.threshold == 0.21 and point.suspected({"TUM": 0.21, "NORM": 0.79}) is True
+    assert point.suspected({"TUM": 0.2099, "NORM": 0.7901}) is False

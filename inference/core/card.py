@@ -9,6 +9,20 @@ def _pct(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}%"
 
 
+def _operating_point(point: dict | None) -> str:
+    if not point:
+        return (
+            "No default threshold of its own: 'suspected tumour' means TUM probability >= 0.5 until a site "
+            "validates the model (`validate_site`) and sets its own."
+        )
+    return (
+        f"Default 'suspected tumour' threshold TUM probability >= {point['threshold']:.4f}, for sites that have not "
+        f"validated the model yet: on {point['images']} tiles from {point['fitted_on']}, it reaches tumour "
+        f"sensitivity {_pct(point.get('sensitivity'))} (target {_pct(point.get('target_sensitivity'))}) at "
+        f"specificity {_pct(point.get('specificity'))}. A site's own validation (`validate_site`) replaces it."
+    )
+
+
 def _generalisation(pooled: dict | None, baseline: dict | None) -> list[str]:
     """NORM-vs-TUM figures pooled over the held-out sources and the simulated other labs."""
     if not pooled:
@@ -118,6 +132,10 @@ def model_card(metadata: dict[str, Any]) -> str:
             "out of its shadow evaluation.",
         ]
     lines += [
+        "",
+        "## Operating point",
+        "",
+        _operating_point(metadata.get("operating_point")),
         "",
         "## Calibration and uncertainty",
         "",

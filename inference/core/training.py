@@ -395,10 +395,12 @@ def train_classifier(
             "seconds": round(time.monotonic() - started, 1),
             "keras": keras.__version__,
             "python": platform.python_version(),
-            **config.extra,
+            **{k: v for k, v in config.extra.items() if k != "operating_point"},
         },
         "metrics": {"test": facts.get("test_metrics")},
     }
+    if config.extra.get("operating_point"):
+        metadata["operating_point"] = config.extra["operating_point"]
     write_metadata(out, metadata)
     return metadata
 
@@ -451,14 +453,15 @@ def binary_figures(tum: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
 
 def simulated_other_labs(
     model, held_out: list[LabelledImage], config: TrainingConfig, temperature: float
-) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(TUM share of the NORM/TUM scores, truth, lab profile) of the held-out NORM and TUM tiles as each of
+) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray]:
+    """(TUM share of the NORM/TUM scores, truth, lab profile, TUM probability over all classes) of the
+    held-out NORM and TUM tiles as each of
     ``otherlab.PROFILES`` would deliver them (see ``inference.core.otherlab``)."""
     from inference.core import otherlab
 
     pair = [i for i in held_out if i.label in {"NORM", "TUM"}]
     if not pair or not {"NORM", "TUM"} <= set(config.classes):
-        return np.zeros(0), np.zeros(0, dtype=bool), []
+        return np.zeros(0), np.zeros(0, dtype=bool), [], np.zeros(0)
     views, truth, names = [], [], []
     for k, image in enumerate(pair):
         mates = [m for m in pair if m.label == image.label and m is not image] or [image]
@@ -491,7 +494,8 @@ def simulated_other_labs(
     )
     probabilities = evaluation.softmax(logits, temperature)
     binary = evaluation.restrict_to_classes(probabilities, list(config.classes), ["NORM", "TUM"])
-    return binary[:, 1], np.array(truth), names
+    full_tum = probabilities[:, list(config.classes).index("TUM")]
+    return binary[:, 1], np.array(truth), names, full_tum
 
 
 def _as_logits(output):
@@ -531,7 +535,15 @@ def leave_one_dataset_out(
             row["norm_vs_tum_scores"] = [
                 [round(float(v), 5), bool(t)] for v, t in zip(binary[:, 1], truth, strict=True)
             ]
-            simulated, simulated_truth, profiles = simulated_other_labs(model, held_out, config, temperature)
+            simulated, simulated_truth, profiles, simulated_tum = simulated_other_labs(
+                model, held_out, config, temperature
+            )
+            # TUM probability over all classes, as the platform judges it against a threshold.
+            tum = probabilities[pair, list(config.classes).index("TUM")]
+            row["tum_probabilities"] = [
+                [round(float(v), 5), bool(t)]
+                for v, t in zip(np.r_[tum, simulated_tum], np.r_[truth, simulated_truth], strict=True)
+            ]
             row["simulated_other_lab_scores"] = [
                 [round(float(v), 5), bool(t), name]
                 for v, t, name in zip(simulated, simulated_truth, profiles, strict=True)
@@ -543,6 +555,30 @@ def leave_one_dataset_out(
             f"NORM-vs-TUM {row.get('norm_vs_tum_accuracy')}, simulated other labs {row.get('simulated_other_lab')}"
         )
     return results
+
+
+def default_operating_point(lodo: dict[str, dict[str, Any]], target: float = 0.95) -> dict[str, Any] | None:
+    """The model's own TUM threshold for sites that have not validated it yet.
+
+    Chosen on tissue from labs the model did not see: the held-out sources of leave one dataset
+    out and the same tiles as the simulated other labs, pooled; the highest TUM probability at
+    which tumour sensitivity there reaches ``target``. A site's own validation replaces it.
+    """
+    rows = [pair for row in lodo.values() for pair in row.get("tum_probabilities", [])]
+    if not any(t for _, t in rows):
+        return None
+    scores = np.array([r[0] for r in rows], dtype=np.float64)
+    truth = np.array([r[1] for r in rows], dtype=bool)
+    chosen = evaluation.threshold_for_sensitivity(scores, truth, target)
+    return {
+        "class": "TUM",
+        "threshold": round(chosen["threshold"], 6),
+        "target_sensitivity": target,
+        "sensitivity": chosen["sensitivity"]["value"],
+        "specificity": chosen["specificity"]["value"],
+        "images": len(rows),
+        "fitted_on": "leave-one-dataset-out held-out sources and the simulated other labs (NORM and TUM)",
+    }
 
 
 def pooled_generalisation(lodo: dict[str, dict[str, Any]]) -> dict[str, Any]:

@@ -6,7 +6,13 @@ from django.core.management.base import BaseCommand, CommandError
 
 from inference.core.datasets import CANONICAL_CLASSES, DEMO_SOURCES, DEMO_WEIGHTS, scan_folder
 from inference.core.model import file_sha256
-from inference.core.training import TrainingConfig, leave_one_dataset_out, pooled_generalisation, train_classifier
+from inference.core.training import (
+    TrainingConfig,
+    default_operating_point,
+    leave_one_dataset_out,
+    pooled_generalisation,
+    train_classifier,
+)
 
 SHARED_DATA = Path(settings.BASE_DIR).parent / "shared" / "data"
 DEFAULT_WEIGHTS = SHARED_DATA / DEMO_WEIGHTS
@@ -137,6 +143,7 @@ class Command(BaseCommand):
                     **config.extra,
                     "leave_one_dataset_out": _summary(lodo),
                     "generalisation": pooled_generalisation(lodo),
+                    "operating_point": default_operating_point(lodo),
                 }
                 if opts["compare_recipe"]:
                     say(f"leave one dataset out again with recipe {opts['compare_recipe']}, for comparison")
@@ -199,7 +206,9 @@ def _lineage(parent: dict, images: list) -> dict:
 def _summary(lodo: dict) -> dict:
     return {
         source: {
-            k: v for k, v in row.items() if k not in {"report", "norm_vs_tum_scores", "simulated_other_lab_scores"}
+            k: v
+            for k, v in row.items()
+            if k not in {"report", "norm_vs_tum_scores", "simulated_other_lab_scores", "tum_probabilities"}
         }
         | {"per_class_recall": {c: r["recall"] for c, r in row["report"]["per_class"].items()}}
         for source, row in lodo.items()
