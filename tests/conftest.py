@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -15,6 +16,8 @@ ROOT = Path(__file__).resolve().parent.parent
 FIXTURE_PATCHES = ROOT / "tests" / "fixtures" / "patches"
 SHARED_DATA = ROOT.parent / "shared" / "data"
 DEMO_MODEL = ROOT / "inference" / "demo_model"
+_DEMO_METADATA = json.loads((DEMO_MODEL / "metadata.json").read_text())
+DEMO_MODEL_NAME = f"{_DEMO_METADATA['name']} v{_DEMO_METADATA['version']}"  # as the platform shows it
 IN_CI = os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 

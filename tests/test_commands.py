@@ -13,7 +13,7 @@ from django.utils import timezone
 
 from accounts.models import Institution, LabSystem, User
 from inference.models import ModelVersion, WorkerHeartbeat
-from tests.conftest import ROOT, unavailable
+from tests.conftest import DEMO_MODEL_NAME, ROOT, unavailable
 
 pytestmark = pytest.mark.django_db
 
@@ -92,7 +92,7 @@ def test_healthz_reports_each_part_and_503_when_one_is_down(client):
     WorkerHeartbeat.objects.create(hostname="w@test", last_seen=now, started_at=now)
     response = client.get("/healthz")
     assert response.status_code == 200, response.json()
-    assert response.json()["model"]["version"] == "tissue-mobilenetv2-demo v2"
+    assert response.json()["model"]["version"] == DEMO_MODEL_NAME
     WorkerHeartbeat.objects.update(last_seen=now - timezone.timedelta(minutes=5))
     assert client.get("/healthz").status_code == 503
 

@@ -17,7 +17,7 @@ from cases.services import PatientData, case_create, patch_upload
 from inference import services
 from inference.models import Prediction
 from inference.tasks import prediction_run
-from tests.conftest import CASE_PAYLOAD, shared_data
+from tests.conftest import CASE_PAYLOAD, DEMO_MODEL_NAME, shared_data
 from tests.integration.workers import Worker, flush_broker, queue_length, require_postgres_and_redis, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -96,7 +96,7 @@ def test_uploaded_patches_are_analysed_by_a_real_worker(seeded, workers):
             continue
         assert patch["status"] == "done", patch
         prediction = patch["prediction"]
-        assert prediction["model_version"] == "tissue-mobilenetv2-demo v2"
+        assert prediction["model_version"] == DEMO_MODEL_NAME
         assert prediction["label"] == max(prediction["scores"], key=prediction["scores"].get)
         if patch["original_name"].startswith(("NORM-TCGA-CWFDHWAH", "NORM-TCGA-INTLNRAV")):
             assert prediction["label"] == "NORM"  # held out from the demo model's training
