@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from inference.core.preprocessing import scale_pixels
+
 MODEL_FILE = "model.keras"
 SERVING_FILE = "model.tflite"
 METADATA_FILE = "metadata.json"
@@ -181,17 +183,31 @@ class Predictor:
         if self.backend == "keras":
             outputs = self._keras(batch, training=False)
             return np.asarray(outputs["logits"]), np.asarray(outputs["class_map"])
+        return self._invoke(batch, lambda rows: np.copyto(rows, batch))
+
+    def raw_pixels(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like ``raw`` for uint8 pixels at the input size (``preprocessing.to_pixels``): they are
+        scaled straight into LiteRT's input buffer, with no intermediate float batch."""
+        if self.backend == "keras":
+            return self.raw(scale_pixels(pixels, self.preprocessing))
+        return self._invoke(pixels, lambda rows: scale_pixels(pixels, self.preprocessing, out=rows))
+
+    def _invoke(self, batch: np.ndarray, fill) -> tuple[np.ndarray, np.ndarray]:
+        """Run LiteRT on ``len(batch)`` inputs that ``fill(rows)`` writes into its input buffer."""
         n = batch.shape[0]
         with self._lock:
             if n > self._batch or 2 * n <= self._batch:
-                self._interpreter.resize_tensor_input(self._input, list(batch.shape))
+                self._interpreter.resize_tensor_input(self._input, [n, *batch.shape[1:]])
                 self._interpreter.allocate_tensors()
                 self._batch = n
-            elif n < self._batch:
-                # Re-allocating the interpreter for every batch size costs more than computing a
-                # few padding rows (batches shrink whenever quality control rejects a patch).
-                batch = np.concatenate([batch, np.zeros((self._batch - n, *batch.shape[1:]), dtype=batch.dtype)])
-            self._interpreter.set_tensor(self._input, np.ascontiguousarray(batch, dtype=np.float32))
+            # Written in place: a batch shorter than the allocated one (quality control rejected a
+            # patch) is padded with zeros instead of re-allocating the interpreter, and no fresh
+            # float batch is allocated and copied again.
+            buffer = self._interpreter.tensor(self._input)()
+            fill(buffer[:n])
+            if n < self._batch:
+                buffer[n:] = 0.0
+            del buffer  # LiteRT refuses to run while a view of its buffers is alive
             self._interpreter.invoke()
             return (
                 self._interpreter.get_tensor(self._logits_out)[:n].copy(),
@@ -205,6 +221,15 @@ class Predictor:
         started = time.perf_counter()
         logits, maps = self.raw(batch)
         per_patch = (time.perf_counter() - started) / len(batch)
+        return self.results(logits, maps, per_patch)
+
+    def predict_pixels(self, pixels: np.ndarray) -> list[PatchPrediction]:
+        """Predict uint8 pixels at the input size (``preprocessing.to_pixels``); the served path."""
+        if len(pixels) == 0:
+            return []
+        started = time.perf_counter()
+        logits, maps = self.raw_pixels(pixels)
+        per_patch = (time.perf_counter() - started) / len(pixels)
         return self.results(logits, maps, per_patch)
 
     def results(self, logits: np.ndarray, maps: np.ndarray, seconds: float = 0.0) -> list[PatchPrediction]:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from inference.core.model import PatchPrediction, Predictor
-from inference.core.preprocessing import decode_rgb, preprocess
+from inference.core.preprocessing import decode_rgb, to_pixels
 from inference.core.quality import assess
 
 DONE, FAILED, UNASSESSABLE = "done", "failed", "unassessable"
@@ -26,7 +26,7 @@ class PatchOutcome:
 
 
 def prepare(predictor: Predictor, images: list[bytes]) -> tuple[list[PatchOutcome], np.ndarray | None]:
-    """Decode, quality-check and preprocess one batch: (outcomes, model input for the DONE ones)."""
+    """Decode, quality-check and resize one batch: (outcomes, uint8 model input for the DONE ones)."""
     outcomes: list[PatchOutcome] = []
     decoded = []
     for data in images:
@@ -43,15 +43,16 @@ def prepare(predictor: Predictor, images: list[bytes]) -> tuple[list[PatchOutcom
             continue
         outcomes.append(PatchOutcome(DONE, measures=quality.measures))
         decoded.append(image)
-    batch = preprocess(decoded, predictor.input_size, predictor.preprocessing) if decoded else None
-    return outcomes, batch
+    # uint8 at the input size: the predictor scales them straight into the runtime's input buffer.
+    pixels = to_pixels(decoded, predictor.input_size) if decoded else None
+    return outcomes, pixels
 
 
 def infer(predictor: Predictor, outcomes: list[PatchOutcome], batch: np.ndarray | None) -> list[PatchOutcome]:
-    """Run the model on a prepared batch and attach each prediction to its outcome."""
+    """Run the model on a prepared batch (uint8 pixels) and attach each prediction to its outcome."""
     if batch is not None:
         ready = (o for o in outcomes if o.status == DONE)
-        for outcome, prediction in zip(ready, predictor.predict(batch), strict=True):
+        for outcome, prediction in zip(ready, predictor.predict_pixels(batch), strict=True):
             outcome.prediction = prediction
     return outcomes
 

@@ -36,6 +36,35 @@ def encode_for_storage(image: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
+def to_pixels(images: list[Image.Image], input_size: int) -> np.ndarray:
+    """RGB images resized to the model input: uint8 array of shape (n, input_size, input_size, 3)."""
+    pixels = np.empty((len(images), input_size, input_size, 3), dtype=np.uint8)
+    for i, image in enumerate(images):
+        if image.size != (input_size, input_size):
+            image = image.resize((input_size, input_size), Image.Resampling.BILINEAR)  # noqa: PLW2901
+        pixels[i] = np.asarray(image)
+    return pixels
+
+
+def scale_pixels(pixels: np.ndarray, scheme: str = "mobilenet_v2", out: np.ndarray | None = None) -> np.ndarray:
+    """Scale uint8 pixels to the model's value range (``mobilenet_v2``: 0..255 to -1..1).
+
+    Args:
+        out: a float32 array of the same shape to write into (e.g. the serving runtime's input
+            buffer); a new one when None.
+    """
+    if scheme != "mobilenet_v2":
+        raise ValueError(f"unknown preprocessing scheme: {scheme}")
+    if out is None:
+        out = pixels.astype(np.float32)
+    else:
+        np.copyto(out, pixels, casting="unsafe")
+    # Scaled in place: fresh large arrays cost more than the arithmetic.
+    out *= np.float32(1 / 127.5)
+    out -= np.float32(1.0)
+    return out
+
+
 def preprocess(images: list[Image.Image], input_size: int, scheme: str = "mobilenet_v2") -> np.ndarray:
     """Resize RGB images to the model input and scale pixel values.
 
@@ -49,13 +78,4 @@ def preprocess(images: list[Image.Image], input_size: int, scheme: str = "mobile
     """
     if scheme != "mobilenet_v2":
         raise ValueError(f"unknown preprocessing scheme: {scheme}")
-    pixels = np.empty((len(images), input_size, input_size, 3), dtype=np.uint8)
-    for i, image in enumerate(images):
-        if image.size != (input_size, input_size):
-            image = image.resize((input_size, input_size), Image.Resampling.BILINEAR)  # noqa: PLW2901
-        pixels[i] = np.asarray(image)
-    # One float allocation, scaled in place: fresh large arrays cost more than the arithmetic.
-    batch = pixels.astype(np.float32)
-    batch *= 1 / 127.5
-    batch -= 1.0
-    return batch
+    return scale_pixels(to_pixels(images, input_size), scheme)

@@ -170,8 +170,9 @@ def measure(image: Image.Image) -> dict[str, float]:
         measures["he_fraction"] = int(np.count_nonzero(coloured & in_range & tissue)) / n_sampled
         # Mean optical density of each stain over tissue (colour deconvolution, Ruifrok & Johnston):
         # the input statistics that drift monitoring compares week by week.
-        od = np.stack((od_r[tissue], od_g[tissue], od_b[tissue]), axis=1)
-        stains = od.mean(axis=0) @ _HED_FROM_RGB[:, :2]
+        weights = tissue.ravel().astype(np.float32) * _F32(1 / n_sampled)
+        od_mean = np.array([np.dot(channel.ravel(), weights) for channel in (od_r, od_g, od_b)])
+        stains = od_mean @ _HED_FROM_RGB[:, :2]
         measures["od_h"] = float(stains[0])
         measures["od_e"] = float(stains[1])
     return measures
