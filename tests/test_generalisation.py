@@ -209,3 +209,18 @@ def test_unvalidated_sites_get_the_models_own_default_threshold(institution, dem
     point = operating_point(institution_id=institution.pk, model_version=demo_model)
     assert point.threshold == 0.21 and point.suspected({"TUM": 0.21, "NORM": 0.79}) is True
     assert point.suspected({"TUM": 0.2099, "NORM": 0.7901}) is False
+
+
+@pytest.mark.django_db
+def test_validate_site_reads_an_export_of_reviews(reviewed_export, institution):
+    from inference.models import SiteValidation
+
+    out, _ = reviewed_export
+    call_command(
+        "validate_site", institution=institution.slug, data=str(out), min_per_class=3,
+        stdout=io.StringIO(), stderr=io.StringIO(),
+    )  # fmt: skip
+    validation = SiteValidation.objects.get()
+    assert validation.data_source == str(out)
+    assert validation.counts == {"NORM": 3, "TUM": 4}
+    assert 0.0 <= validation.threshold <= 1.0 and validation.sensitivity >= 0.98
