@@ -129,6 +129,20 @@ class ReviewedPatchesValidationForm(forms.Form):
         self.fields["institution"].queryset = institutions
 
 
+def _verdict(validation: SiteValidation) -> str:
+    """Passed, or which of the two conditions failed, with the numbers."""
+    if validation.passed:
+        return "passed: results of this model are trusted at this site"
+    checks = validation.metrics.get("checks", {})
+    reasons = []
+    if not checks.get("enough_per_class", True):
+        counts = ", ".join(f"{c} {n}" for c, n in sorted(validation.counts.items()))
+        reasons.append(f"fewer than {validation.metrics.get('min_per_class')} analysed patches in a class ({counts})")
+    if not checks.get("target_reached", True):
+        reasons.append(f"sensitivity {validation.sensitivity} below the target {validation.target_sensitivity}")
+    return "not passed: " + ("; ".join(reasons) or "see the figures below")
+
+
 @admin.register(SiteValidation)
 class SiteValidationAdmin(InstitutionScopedAdmin, ReadOnlyAdmin):
     """A model measured on one institution's own tissue, and the threshold chosen there. Written by
@@ -180,6 +194,7 @@ class SiteValidationAdmin(InstitutionScopedAdmin, ReadOnlyAdmin):
         calibration = m.get("calibration", {})
         quality = m.get("quality_check", {})
         rows = [
+            ("result", _verdict(obj)),
             ("accuracy", _interval(m.get("accuracy")) + (f" ({m['note']})" if m.get("note") else "")),
             (
                 "ROC AUC, TUM vs NORM",

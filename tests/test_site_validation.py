@@ -286,6 +286,7 @@ def test_admin_validates_on_reviewed_patches_and_shows_the_result(
     detail = superuser_client.get(f"/admin/inference/sitevalidation/{validation.pk}/change/")
     body = detail.content.decode()
     assert detail.status_code == 200 and f"{validation.threshold:.4f}" in body and "ROC AUC" in body
+    assert "not passed: fewer than 100 analysed patches in a class (NORM 3, TUM 4)" in body
     for kind in ("roc", "reliability"):
         plot = superuser_client.get(f"/admin/inference/sitevalidation/{validation.pk}/plot/{kind}.png")
         assert plot.status_code == 200 and plot["Content-Type"] == "image/png"
