@@ -46,19 +46,24 @@ class SiteValidationError(ValueError):
 
 @dataclass(frozen=True)
 class SiteImage:
-    """One labelled image: its bytes, or the file to read them from when its batch comes."""
+    """One labelled image: its bytes, or the file (a path, or a stored patch's name in the
+    platform's storage) to read them from when its batch comes."""
 
     label: str
     name: str
     data: bytes | None = None
     path: Path | None = None
+    storage_name: str | None = None
 
     def read(self) -> bytes:
         if self.data is not None:
             return self.data
-        if self.path is None:
-            raise OSError("no data and no path")
-        return self.path.read_bytes()
+        if self.path is not None:
+            return self.path.read_bytes()
+        if self.storage_name is not None:
+            with default_storage.open(self.storage_name, "rb") as handle:
+                return handle.read()
+        raise OSError("no data and no file")
 
 
 @dataclass(frozen=True)
@@ -112,15 +117,17 @@ def site_images_from_reviews(*, institution, model_version: ModelVersion | None 
     seen = trained_on(model_version) if model_version is not None else set()
     images, unreadable = [], []
     for patch in TissuePatch.objects.filter(pk__in=wanted).order_by("pk"):
-        name = f"patch {patch.pk}"
+        image = SiteImage(label=wanted[patch.pk], name=f"patch {patch.pk}", storage_name=patch.storage_name)
         try:
-            with default_storage.open(patch.storage_name, "rb") as handle:
-                data = handle.read()
+            # Read now only to leave out what the model was trained on; otherwise batch by batch.
+            if seen and export_digest(image.read()) in seen:
+                continue
+            if not seen and not default_storage.exists(patch.storage_name):
+                raise OSError("the stored file is missing")
         except OSError as exc:
-            unreadable.append(f"{name} ({exc})")
+            unreadable.append(f"{image.name} ({exc})")
             continue
-        if not (seen and export_digest(data) in seen):
-            images.append(SiteImage(label=wanted[patch.pk], name=name, data=data))
+        images.append(image)
     if unreadable:
         raise SiteValidationError(f"{len(unreadable)} stored patch file(s) cannot be read: {_names(unreadable)}")
     return images
