@@ -259,7 +259,10 @@ class CaseListCreate(generics.ListCreateAPIView):
 
     @staticmethod
     def _updated_since(value: str):
-        moment = parse_datetime(value)
+        try:
+            moment = parse_datetime(value)
+        except ValueError:  # well-formed but impossible, e.g. 2026-02-31
+            moment = None
         if moment is None or moment.tzinfo is None:
             raise serializers.ValidationError({"updated_since": ["An ISO 8601 date-time with a time zone."]})
         return moment

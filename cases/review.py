@@ -7,6 +7,7 @@ institution first, so another institution's case is a 404 before we get here).
 from __future__ import annotations
 
 from django.db import transaction
+from django.utils import timezone
 
 from accounts.models import User
 from audit.services import audit_record
@@ -245,7 +246,8 @@ def case_sign_out(*, case: BiopsyCase, pathologist: User, conclusion: str, comme
             tumour_fraction=round(fraction, 4),
             comment=comment,
         )
-        BiopsyCase.objects.filter(pk=case.pk).update(status=BiopsyCase.Status.SIGNED_OUT)
+        # updated_at too: lab systems polling updated_since must see the sign-out.
+        BiopsyCase.objects.filter(pk=case.pk).update(status=BiopsyCase.Status.SIGNED_OUT, updated_at=timezone.now())
         from webhooks.models import WebhookEndpoint
         from webhooks.services import events_for_cases
 
@@ -276,6 +278,7 @@ def addendum_add(*, case: BiopsyCase, pathologist: User, text: str, reason: str,
         if case.status != BiopsyCase.Status.SIGNED_OUT:
             raise CaseError("addenda are for signed-out cases; review the patches instead")
         addendum = Addendum.objects.create(case=case, pathologist=pathologist, text=text.strip(), reason=reason.strip())
+        BiopsyCase.objects.filter(pk=case.pk).update(updated_at=timezone.now())  # the report changed
         audit_record(
             actor=pathologist,
             action="case.addendum",

@@ -338,7 +338,12 @@ def case_worklist(request):
     params = request.GET
     status = params.get("status", BiopsyCase.Status.READY_FOR_REVIEW)
     status = status if status in BiopsyCase.Status.values or status == "" else BiopsyCase.Status.READY_FOR_REVIEW
-    since = parse_date(params.get("since", "")) if params.get("since") else None
+    try:
+        since = parse_date(params.get("since", "")) if params.get("since") else None
+    except ValueError:  # well-formed but impossible, e.g. 2026-02-31
+        since = None
+    if params.get("since") and since is None:
+        messages.error(request, f"'{params['since']}' is not a date (YYYY-MM-DD): the date filter is not applied.")
     cases = worklist(
         principal=request.user,
         status=status,
@@ -367,8 +372,12 @@ def case_worklist(request):
 @require_POST
 def case_assign_view(request, pk: int):
     def action(case):
-        assignee_id = request.POST.get("assignee") or request.user.pk
-        assignee = User.objects.filter(pk=assignee_id, institution=case.institution).first()
+        assignee_id = str(request.POST.get("assignee") or request.user.pk)
+        assignee = (
+            User.objects.filter(pk=int(assignee_id), institution=case.institution).first()
+            if assignee_id.isdigit()
+            else None
+        )
         if assignee is None:
             raise CaseError("no such pathologist in this institution")
         case_assign(case=case, assignee=assignee, by=request.user, request=request)

@@ -207,3 +207,41 @@ def test_second_read_is_blind_flags_disagreements_and_needs_adjudication(ready_c
     assert adjudication.read == 3 and final_labels(case)[norm.pk] == "NORM" and not disagreements(case)
     case_sign_out(case=case, pathologist=pathologist, conclusion="adenocarcinoma")
     assert [e.after["read"] for e in events("review.override")] == [2]
+
+
+def test_updated_since_returns_a_case_after_sign_out_and_after_an_addendum(ready_case, pathologist, lab_api):
+    import datetime
+
+    from django.utils import timezone
+
+    case, _ = ready_case
+    review_confirm_all(case=case, pathologist=pathologist)
+
+    def changed_since(moment) -> list[int]:
+        stamp = moment.isoformat().replace("+00:00", "Z")
+        response = lab_api.get("/api/v1/cases/", {"updated_since": stamp})
+        assert response.status_code == 200, response.content
+        return [c["id"] for c in response.json()["results"]]
+
+    before_sign_out = timezone.now() + datetime.timedelta(microseconds=1)
+    assert case.pk not in changed_since(before_sign_out)
+    case_sign_out(case=case, pathologist=pathologist, conclusion="adenocarcinoma", comment="")
+    assert case.pk in changed_since(before_sign_out)
+
+    before_addendum = timezone.now() + datetime.timedelta(microseconds=1)
+    assert case.pk not in changed_since(before_addendum)
+    addendum_add(case=case, pathologist=pathologist, text="KRAS G12D.", reason="molecular result")
+    assert case.pk in changed_since(before_addendum)
+
+
+def test_impossible_dates_and_ids_are_clear_errors_not_server_errors(ready_case, pathologist, client, lab_api):
+    case, _ = ready_case
+    response = lab_api.get("/api/v1/cases/", {"updated_since": "2026-02-31T10:00:00Z"})
+    assert response.status_code == 400 and "updated_since" in response.json()["errors"]
+    client.force_login(pathologist)
+    page = client.get("/cases/worklist/", {"since": "2026-02-31"})
+    assert page.status_code == 200 and "is not a date" in page.content.decode()
+    response = client.post(f"/cases/{case.pk}/assign/", {"assignee": "abc"})
+    assert response.status_code == 400 and "no such pathologist" in response.content.decode()
+    case.refresh_from_db()
+    assert case.assigned_to is None
