@@ -20,14 +20,20 @@ class IsInstitutionMember(BasePermission):
 
 class HasScope(BasePermission):
     """A lab-system token must carry the scope the view names for the request's method
-    (``required_scopes = {"GET": "cases:read", ...}``). Staff users act within their role."""
+    (``required_scopes = {"GET": "cases:read", ...}``); HEAD needs GET's scope, and a method the
+    view does not name (OPTIONS, an undeclared write) is refused to tokens. Staff users act within
+    their role."""
 
     def has_permission(self, request, view) -> bool:
         from accounts.models import LabSystem
 
-        needed = getattr(view, "required_scopes", {}).get(request.method)
-        if needed is None or not isinstance(request.user, LabSystem):
+        scopes = getattr(view, "required_scopes", None)
+        if scopes is None or not isinstance(request.user, LabSystem):
             return True
+        needed = scopes.get("GET" if request.method == "HEAD" else request.method)
+        if needed is None:
+            self.message = f"A lab-system token cannot use {request.method} on this resource."
+            return False
         if request.user.has_scope(needed):
             return True
         self.message = f"This token lacks the '{needed}' scope."

@@ -245,3 +245,20 @@ def test_oversized_request_body_is_a_json_400(lab_api, settings):
     settings.DATA_UPLOAD_MAX_MEMORY_SIZE = 1000
     response = lab_api.post("/api/v1/cases/", {**CASE_PAYLOAD, "clinical_notes": "x" * 5000}, format="json")
     assert response.status_code == 400 and response.json()["status"] == 400
+
+
+@pytest.mark.parametrize(
+    ("scopes", "method", "expected"),
+    [
+        ([Scope.PATCHES_WRITE], "head", 403),  # a write-only token learns nothing about the case
+        ([Scope.CASES_READ], "head", 200),
+        ([Scope.CASES_READ, Scope.PATCHES_WRITE], "options", 403),  # not a declared method
+        ([Scope.CASES_READ], "put", 403),
+    ],
+)
+def test_every_method_needs_its_scope(world, institution, scopes, method, expected):
+    case, _ = world
+    response = getattr(token(institution, scopes), method)(f"/api/v1/cases/{case.pk}/")
+    assert response.status_code == expected, response.content
+    if expected == 403 and method != "head":
+        assert response["Content-Type"].startswith("application/problem+json")
