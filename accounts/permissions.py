@@ -20,7 +20,8 @@ class IsInstitutionMember(BasePermission):
 
 class HasScope(BasePermission):
     """A lab-system token must carry the scope the view names for the request's method
-    (``required_scopes = {"GET": "cases:read", ...}``); HEAD needs GET's scope, and a method the
+    (``required_scopes = {"GET": "cases:read", ...}``; a tuple: every one of them); HEAD needs GET's
+    scope(s), and a method the
     view does not name (OPTIONS, an undeclared write) is refused to tokens. Staff users act within
     their role."""
 
@@ -34,9 +35,12 @@ class HasScope(BasePermission):
         if needed is None:
             self.message = f"A lab-system token cannot use {request.method} on this resource."
             return False
-        if request.user.has_scope(needed):
+        missing = [
+            scope for scope in ((needed,) if isinstance(needed, str) else needed) if not request.user.has_scope(scope)
+        ]
+        if not missing:
             return True
-        self.message = f"This token lacks the '{needed}' scope."
+        self.message = f"This token lacks the {', '.join(repr(str(scope)) for scope in missing)} scope."
         return False
 
 

@@ -474,7 +474,8 @@ class PatchImage(APIView):
 class CaseFhir(APIView):
     """The case as an HL7 FHIR R4 Bundle: Patient, Specimen, one Observation per analysed patch, DiagnosticReport."""
 
-    required_scopes = {"GET": Scope.RESULTS_READ}
+    # The bundle carries the patient's demographics as well as the AI results.
+    required_scopes = {"GET": (Scope.CASES_READ, Scope.RESULTS_READ)}
 
     @extend_schema(responses={(200, "application/fhir+json"): OpenApiTypes.OBJECT, **ERRORS})
     def get(self, request, pk: int):

@@ -50,7 +50,7 @@ ENDPOINTS = [
     ("POST", "/api/v1/cases/{case}/patches/", "image", Scope.PATCHES_WRITE, 202, "object"),
     ("GET", "/api/v1/patches/{patch}/", None, Scope.CASES_READ, 200, "object"),
     ("GET", "/api/v1/patches/{patch}/image/", None, Scope.CASES_READ, 200, "object"),
-    ("GET", "/api/v1/cases/{case}/fhir/", None, Scope.RESULTS_READ, 200, "object"),
+    ("GET", "/api/v1/cases/{case}/fhir/", None, (Scope.CASES_READ, Scope.RESULTS_READ), 200, "object"),
 ]
 KINDS = ["valid", "lacking scope", "other institution", "revoked", "expired", "none"]
 
@@ -71,9 +71,10 @@ def test_every_endpoint_checks_token_scope_institution_and_validity(
     world, institution, other_institution, kind, method, path, body, scope, ok, shape
 ):
     case, patch = world
+    needed = [scope] if isinstance(scope, str) else list(scope)
     api = {
-        "valid": lambda: token(institution, [scope]),
-        "lacking scope": lambda: token(institution, [s for s in Scope.values if s != scope]),
+        "valid": lambda: token(institution, needed),
+        "lacking scope": lambda: token(institution, [s for s in Scope.values if s != needed[-1]]),
         "other institution": lambda: token(other_institution),
         "revoked": lambda: token(institution, revoked_at=timezone.now()),
         "expired": lambda: token(institution, expires_at=timezone.now() - datetime.timedelta(minutes=1)),
@@ -262,3 +263,11 @@ def test_every_method_needs_its_scope(world, institution, scopes, method, expect
     assert response.status_code == expected, response.content
     if expected == 403 and method != "head":
         assert response["Content-Type"].startswith("application/problem+json")
+
+
+def test_fhir_needs_case_and_results_scopes(world, institution):
+    case, _ = world
+    url = f"/api/v1/cases/{case.pk}/fhir/"
+    response = token(institution, [Scope.RESULTS_READ]).get(url)  # demographics need cases:read too
+    assert response.status_code == 403 and "cases:read" in response.json()["detail"]
+    assert token(institution, [Scope.CASES_READ, Scope.RESULTS_READ]).get(url).status_code == 200
