@@ -231,7 +231,7 @@ def _png_response(image: Image.Image) -> HttpResponse:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     response = HttpResponse(buffer.getvalue(), content_type="image/png")
-    response["Cache-Control"] = "private, max-age=3600"  # patient data: never in shared caches
+    response["Cache-Control"] = "private, no-store"  # patient data: kept by no cache
     return response
 
 

@@ -201,3 +201,20 @@ def test_admin_staff_of_an_institution_see_only_its_rows(client, institution, ot
     patients = client.get("/admin/cases/patient/").content.decode()
     assert "O-1" in patients and "Other Patient" not in patients and "B-1" not in patients
     assert client.get(f"/admin/cases/biopsycase/{other_case.pk}/change/").status_code in {302, 404}
+
+
+def test_patient_data_is_never_cached(clinician_client, case, lab_api):
+    from cases.services import patch_upload
+    from tests.conftest import fixture_patch
+
+    patch = patch_upload(
+        case=case, uploaded_by=case.created_by, files=[("a.png", fixture_patch("TUM-TCGA-KECNIDCQ.png").read_bytes())]
+    ).patches[0]
+    for response in (
+        clinician_client.get(f"/cases/{case.pk}/"),
+        clinician_client.get("/cases/"),
+        clinician_client.get(f"/cases/{case.pk}/patches/{patch.pk}/image/"),
+        lab_api.get(f"/api/v1/cases/{case.pk}/"),
+    ):
+        assert response.status_code == 200
+        assert "no-store" in response["Cache-Control"] and "private" in response["Cache-Control"]
