@@ -177,6 +177,11 @@ WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 10)
 SITE_VALIDATION_MIN_PER_CLASS = env_int("SITE_VALIDATION_MIN_PER_CLASS", 100)
 SITE_TARGET_SENSITIVITY = float(env_str("SITE_TARGET_SENSITIVITY", "0.98"))
 REQUIRE_SITE_VALIDATION = env_bool("REQUIRE_SITE_VALIDATION", not DEBUG)
+# Webhooks go to https URLs on public addresses only, checked when set and before every send;
+# on-premise receivers need these switched on explicitly.
+WEBHOOK_ALLOW_HTTP = env_bool("WEBHOOK_ALLOW_HTTP", False)
+WEBHOOK_ALLOW_PRIVATE_HOSTS = env_bool("WEBHOOK_ALLOW_PRIVATE_HOSTS", False)
+
 # Drift monitoring: a week's figure over fewer patches than this is shown but not judged.
 DRIFT_MIN_PATCHES = env_int("DRIFT_MIN_PATCHES", 20)
 

@@ -16,10 +16,17 @@ from cases.services import patch_upload
 from inference import services as inference_services
 from tests.conftest import fixture_patch, new_case
 from webhooks import services
-from webhooks.models import WebhookDelivery
+from webhooks.models import WebhookDelivery, WebhookEndpoint
 from webhooks.tasks import webhook_deliver
 
 pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def _local_receivers(settings):
+    """The test receivers listen on http://127.0.0.1, as an on-premise receiver would."""
+    settings.WEBHOOK_ALLOW_HTTP = True
+    settings.WEBHOOK_ALLOW_PRIVATE_HOSTS = True
 
 
 class Receiver:
@@ -148,8 +155,48 @@ def test_set_lab_webhook_command_prints_the_secret_once(institution):
 
     lab_system_create(institution=institution, name="LIS")
     out = io.StringIO()
-    url = "https://lis.example/hook"
+    url = "https://93.184.215.14/hook"  # a public address: no DNS needed here
     call_command("set_lab_webhook", institution=institution.slug, name="LIS", url=url, stdout=out, stderr=io.StringIO())
     assert out.getvalue().startswith("WEBHOOK_SECRET=whsec_")
     with pytest.raises(CommandError, match="must be http"):
         call_command("set_lab_webhook", institution=institution.slug, name="LIS", url="ftp://x/y")
+
+
+@pytest.mark.parametrize(
+    ("url", "why"),
+    [
+        ("https://127.0.0.1/hook", "private, loopback or link-local"),
+        ("https://169.254.169.254/latest/meta-data/", "private, loopback or link-local"),
+        ("https://10.0.0.1/hook", "private, loopback or link-local"),
+        ("https://[::1]/hook", "private, loopback or link-local"),
+        ("https://localhost/hook", "private, loopback or link-local"),
+        ("http://93.184.215.14/hook", "must use https"),
+        ("ftp://93.184.215.14/hook", "must be http"),
+        ("https://no-such-host.invalid/hook", "does not resolve"),
+    ],
+)
+def test_webhook_urls_must_be_https_to_a_public_address(institution, settings, url, why):
+    settings.WEBHOOK_ALLOW_HTTP = False
+    settings.WEBHOOK_ALLOW_PRIVATE_HOSTS = False
+    lab, _ = lab_system_create(institution=institution, name="LIS")
+    with pytest.raises(ValueError, match=why):
+        services.endpoint_set(lab_system=lab, url=url)
+    assert not WebhookEndpoint.objects.exists()
+
+
+def test_a_url_refused_at_send_is_not_called_and_a_redirect_is_not_a_delivery(
+    institution, clinician, demo_model, receiver, settings, eager_celery, django_capture_on_commit_callbacks
+):
+    lis = receiver([302, 302, 302, 302, 302, 302, 302, 302])
+    lab, _ = lab_system_create(institution=institution, name="LIS")
+    services.endpoint_set(lab_system=lab, url=lis.url)
+    settings.WEBHOOK_ALLOW_PRIVATE_HOSTS = False  # e.g. switched off since the URL was set
+    _analyse_case(clinician, django_capture_on_commit_callbacks)
+    delivery = WebhookDelivery.objects.get()
+    assert delivery.status != WebhookDelivery.Status.DELIVERED and "private, loopback" in delivery.last_error
+    assert lis.requests == []  # never called
+    settings.WEBHOOK_ALLOW_PRIVATE_HOSTS = True
+    WebhookDelivery.objects.filter(pk=delivery.pk).update(attempts=0, status=WebhookDelivery.Status.PENDING)
+    services.deliver(delivery_id=delivery.pk)
+    delivery.refresh_from_db()
+    assert delivery.last_status_code == 302 and delivery.status == WebhookDelivery.Status.PENDING

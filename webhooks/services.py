@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
+import socket
 import time
 from urllib.parse import urlparse
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
@@ -49,11 +52,41 @@ def verify(secret: str, header: str, body: bytes, *, now: float | None = None) -
     return hmac.compare_digest(sign(secret, timestamp, body), header)
 
 
-def endpoint_set(*, lab_system: LabSystem, url: str) -> tuple[WebhookEndpoint, str]:
-    """Set (or replace) a lab system's callback URL; returns it and its new secret."""
+def check_url(url: str) -> None:
+    """Refuse a webhook URL the platform must not call: anything but https (unless
+    WEBHOOK_ALLOW_HTTP), and a host that resolves to a loopback, private, link-local (cloud
+    metadata), reserved or multicast address (unless WEBHOOK_ALLOW_PRIVATE_HOSTS, for receivers
+    inside the hospital's network). Checked when the URL is set and again before every send, after
+    DNS, so a name re-pointed at an internal address is caught too.
+
+    Raises:
+        ValueError: saying why.
+    """
     parsed = urlparse(url)
-    if parsed.scheme not in {"http", "https"} or not parsed.netloc:
+    allowed = {"https", "http"} if settings.WEBHOOK_ALLOW_HTTP else {"https"}
+    if parsed.scheme not in {"http", "https"} or not parsed.hostname:
         raise ValueError(f"the webhook URL must be http(s)://host/...: {url!r}")
+    if parsed.scheme not in allowed:
+        raise ValueError(f"the webhook URL must use https (WEBHOOK_ALLOW_HTTP is off): {url!r}")
+    if settings.WEBHOOK_ALLOW_PRIVATE_HOSTS:
+        return
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        addresses = {info[4][0] for info in socket.getaddrinfo(parsed.hostname, port, proto=socket.IPPROTO_TCP)}
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"the webhook host {parsed.hostname!r} does not resolve: {exc}") from None
+    for address in sorted(addresses):
+        ip = ipaddress.ip_address(address.split("%")[0])
+        if not ip.is_global or ip.is_multicast:
+            raise ValueError(
+                f"the webhook host {parsed.hostname!r} resolves to {ip}, a private, loopback or link-local "
+                "address (set WEBHOOK_ALLOW_PRIVATE_HOSTS for a receiver inside the hospital's network)"
+            )
+
+
+def endpoint_set(*, lab_system: LabSystem, url: str) -> tuple[WebhookEndpoint, str]:
+    """Set (or replace) a lab system's callback URL (``check_url``); returns it and its new secret."""
+    check_url(url)
     secret = WebhookEndpoint.new_secret()
     endpoint, _ = WebhookEndpoint.objects.update_or_create(
         lab_system=lab_system, defaults={"url": url, "secret": secret, "active": True}
@@ -119,11 +152,15 @@ def deliver(*, delivery_id: int) -> str:
         }
         delivery.attempts += 1
         try:
-            response = requests.post(delivery.endpoint.url, data=body, headers=headers, timeout=TIMEOUT_SECONDS)
+            check_url(delivery.endpoint.url)
+            # No redirects: a receiver must not bounce the call to an address check_url refuses.
+            response = requests.post(
+                delivery.endpoint.url, data=body, headers=headers, timeout=TIMEOUT_SECONDS, allow_redirects=False
+            )
             delivery.last_status_code = response.status_code
-            delivery.last_error = "" if response.ok else response.text[:500]
-            ok = response.ok
-        except requests.RequestException as exc:
+            ok = 200 <= response.status_code < 300  # a redirect is not a delivery
+            delivery.last_error = "" if ok else response.text[:500]
+        except (requests.RequestException, ValueError) as exc:
             delivery.last_status_code = None
             delivery.last_error = f"{type(exc).__name__}: {exc}"[:500]
             ok = False
