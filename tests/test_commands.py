@@ -33,6 +33,17 @@ def test_seed_demo_is_idempotent_and_prints_passwords():
     assert ModelVersion.objects.count() == 1 and active.classes[-1] == "TUM"
 
 
+def test_seed_demo_never_changes_an_existing_user():
+    call_command("seed_demo", stdout=io.StringIO())
+    admin = User.objects.get(username="admin")
+    admin.set_password("a-changed-long-passphrase")
+    admin.is_superuser = False
+    admin.save()
+    call_command("seed_demo", stdout=io.StringIO(), stderr=io.StringIO())
+    admin.refresh_from_db()
+    assert admin.check_password("a-changed-long-passphrase") and not admin.is_superuser
+
+
 def test_create_lab_token_prints_a_working_key_once(client):
     call_command("seed_demo", stdout=io.StringIO())
     out, err = io.StringIO(), io.StringIO()

@@ -15,7 +15,8 @@ class Command(BaseCommand):
     help = (
         "Create the demo institution (slug 'demo'), one user per role with demo passwords, and "
         "register the bundled demo model and activate it when no model is active. Safe to run again: "
-        "nothing is duplicated and the demo passwords are reset to the printed ones. For demonstration only."
+        "nothing is duplicated, and users that exist already are left as they are (their passwords are "
+        "not reset). For demonstration only."
     )
 
     def add_arguments(self, parser):
@@ -26,14 +27,21 @@ class Command(BaseCommand):
     def handle(self, *args, model: str, **options):
         from inference.services import ModelRejected, model_activate, model_register
 
+        existing = set()
         with transaction.atomic():
             institution, _ = Institution.objects.get_or_create(slug="demo", defaults={"name": "Demo Hospital"})
             for username, role, password in DEMO_USERS:
-                user, _ = User.objects.get_or_create(username=username, defaults={"institution": institution})
-                user.institution = institution
-                user.role = role
-                user.is_staff = role == User.Role.ADMIN
-                user.is_superuser = role == User.Role.ADMIN
+                if User.objects.filter(username=username).exists():
+                    # An existing account is never changed: not its password, role or rights.
+                    existing.add(username)
+                    continue
+                user = User(
+                    username=username,
+                    institution=institution,
+                    role=role,
+                    is_staff=role == User.Role.ADMIN,
+                    is_superuser=role == User.Role.ADMIN,
+                )
                 user.set_password(password)
                 user.save()
         from inference.models import ModelVersion
@@ -55,5 +63,8 @@ class Command(BaseCommand):
         version = ModelVersion.objects.get(is_active=True)
         self.stdout.write(f"Institution: {institution.name} (slug {institution.slug})")
         for username, role, password in DEMO_USERS:
-            self.stdout.write(f"  {role.label:<13} user {username!r:<14} password {password!r}")
+            if username in existing:
+                self.stdout.write(f"  {role.label:<13} user {username!r:<14} exists already: password not changed")
+            else:
+                self.stdout.write(f"  {role.label:<13} user {username!r:<14} password {password!r}")
         self.stdout.write(f"Active model: {version} ({version.path})")
