@@ -2,10 +2,11 @@ from __future__ import annotations
 
 import datetime
 
+from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from accounts.models import Institution, LabSystem, Scope, hash_token
+from accounts.models import IdempotencyRecord, Institution, LabSystem, Scope, hash_token
 from audit.services import audit_record
 
 
@@ -50,3 +51,14 @@ def lab_system_revoke(*, lab_system: LabSystem, actor=None) -> bool:
     if revoked:
         audit_record(actor=actor, action="lab_system.revoke", target=lab_system, after={"revoked": True})
     return revoked
+
+
+def idempotency_purge(*, now=None) -> int:
+    """Delete the stored first responses of Idempotency-Keys older than IDEMPOTENCY_TTL_HOURS.
+
+    A retry is expected within minutes or hours; keeping every response for ever would keep
+    copies of API responses (patient data) with no use. Returns how many were deleted.
+    """
+    cutoff = (now or timezone.now()) - datetime.timedelta(hours=settings.IDEMPOTENCY_TTL_HOURS)
+    deleted, _ = IdempotencyRecord.objects.filter(created_at__lt=cutoff).delete()
+    return deleted

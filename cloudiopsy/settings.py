@@ -177,6 +177,9 @@ WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 10)
 SITE_VALIDATION_MIN_PER_CLASS = env_int("SITE_VALIDATION_MIN_PER_CLASS", 100)
 SITE_TARGET_SENSITIVITY = float(env_str("SITE_TARGET_SENSITIVITY", "0.98"))
 REQUIRE_SITE_VALIDATION = env_bool("REQUIRE_SITE_VALIDATION", not DEBUG)
+# A POST's Idempotency-Key and its first response are kept this long, then purged (hourly).
+IDEMPOTENCY_TTL_HOURS = env_int("IDEMPOTENCY_TTL_HOURS", 24)
+
 # Webhooks go to https URLs on public addresses only, checked when set and before every send;
 # on-premise receivers need these switched on explicitly.
 WEBHOOK_ALLOW_HTTP = env_bool("WEBHOOK_ALLOW_HTTP", False)
@@ -218,6 +221,7 @@ CELERY_BEAT_SCHEDULE = {
         "task": "inference.tasks.analysis_reconcile",
         "schedule": float(RECONCILE_INTERVAL_SECONDS),
     },
+    "purge-idempotency-keys": {"task": "accounts.tasks.idempotency_purge", "schedule": 3600.0},
 }
 CELERY_BEAT_SCHEDULE_FILENAME = str(DATA_DIR / "celerybeat-schedule")
 

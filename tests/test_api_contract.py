@@ -208,6 +208,20 @@ def test_idempotency_keys_are_per_caller(institution):
     assert BiopsyCase.objects.count() == 2
 
 
+def test_idempotency_keys_are_purged_after_their_ttl(institution, settings):
+    from accounts.models import IdempotencyRecord
+    from accounts.tasks import idempotency_purge
+
+    settings.IDEMPOTENCY_TTL_HOURS = 24
+    api = token(institution)
+    for key in ("old", "recent"):
+        api.post("/api/v1/cases/", {**CASE_PAYLOAD, "accession": f"P-{key}"}, format="json", HTTP_IDEMPOTENCY_KEY=key)
+    IdempotencyRecord.objects.filter(key="old").update(created_at=timezone.now() - datetime.timedelta(hours=25))
+    assert idempotency_purge() == 1  # the beat task, run here directly
+    assert list(IdempotencyRecord.objects.values_list("key", flat=True)) == ["recent"]
+    assert "accounts.tasks.idempotency_purge" in {e["task"] for e in settings.CELERY_BEAT_SCHEDULE.values()}
+
+
 def test_case_list_filters(lab_api):
     for i in range(3):
         lab_api.post("/api/v1/cases/", {**CASE_PAYLOAD, "accession": f"F-{i}"}, format="json")
