@@ -76,6 +76,4 @@ def preprocess(images: list[Image.Image], input_size: int, scheme: str = "mobile
     Returns:
         float32 array of shape (n, input_size, input_size, 3).
     """
-    if scheme != "mobilenet_v2":
-        raise ValueError(f"unknown preprocessing scheme: {scheme}")
     return scale_pixels(to_pixels(images, input_size), scheme)
