@@ -7,12 +7,12 @@ institution first, so another institution's case is a 404 before we get here).
 from __future__ import annotations
 
 from django.db import transaction
-from django.utils import timezone
 
 from accounts.models import User
 from audit.services import audit_record
 from cases.models import Addendum, BiopsyCase, Review, SignOut, TissuePatch
 from cases.services import CaseError
+from cases.transitions import case_transition, cases_touch
 
 
 class NotAllowed(PermissionError):
@@ -95,7 +95,7 @@ def review_submit(
         case = _locked_case(patch.case)
         if case.status == BiopsyCase.Status.SIGNED_OUT:
             raise CaseError("the case is signed out: add an addendum instead")
-        return _review(
+        review = _review(
             case=case,
             patch=patch,
             pathologist=pathologist,
@@ -105,6 +105,8 @@ def review_submit(
             reason_text=reason_text,
             request=request,
         )
+        cases_touch(case_ids=[case.pk])
+        return review
 
 
 def review_confirm_all(*, case: BiopsyCase, pathologist: User, request=None) -> list[Review]:
@@ -120,6 +122,7 @@ def review_confirm_all(*, case: BiopsyCase, pathologist: User, request=None) -> 
             for patch in pending.order_by("id")
         ]
         if reviews:
+            cases_touch(case_ids=[case.pk])
             # One decision, one event: every patch it confirmed, with the AI's class it accepted.
             audit_record(
                 actor=pathologist,
@@ -246,25 +249,19 @@ def case_sign_out(*, case: BiopsyCase, pathologist: User, conclusion: str, comme
             tumour_fraction=round(fraction, 4),
             comment=comment,
         )
-        # updated_at too: lab systems polling updated_since must see the sign-out.
-        BiopsyCase.objects.filter(pk=case.pk).update(status=BiopsyCase.Status.SIGNED_OUT, updated_at=timezone.now())
+        case_transition(
+            case_ids=[case.pk],
+            to=BiopsyCase.Status.SIGNED_OUT,
+            actor=pathologist,
+            action="case.sign_out",
+            after={"conclusion": conclusion, "tumour_fraction": sign_out.tumour_fraction},
+            reason=comment,
+            request=request,
+        )
         from webhooks.models import WebhookEndpoint
         from webhooks.services import events_for_cases
 
         events_for_cases(case_ids=[case.pk], event=WebhookEndpoint.Event.CASE_SIGNED_OUT)
-        audit_record(
-            actor=pathologist,
-            action="case.sign_out",
-            target=case,
-            before={"status": case.status},
-            after={
-                "status": BiopsyCase.Status.SIGNED_OUT,
-                "conclusion": conclusion,
-                "tumour_fraction": sign_out.tumour_fraction,
-            },
-            reason=comment,
-            request=request,
-        )
     return sign_out
 
 
@@ -278,7 +275,7 @@ def addendum_add(*, case: BiopsyCase, pathologist: User, text: str, reason: str,
         if case.status != BiopsyCase.Status.SIGNED_OUT:
             raise CaseError("addenda are for signed-out cases; review the patches instead")
         addendum = Addendum.objects.create(case=case, pathologist=pathologist, text=text.strip(), reason=reason.strip())
-        BiopsyCase.objects.filter(pk=case.pk).update(updated_at=timezone.now())  # the report changed
+        cases_touch(case_ids=[case.pk])  # the report changed
         audit_record(
             actor=pathologist,
             action="case.addendum",

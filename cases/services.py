@@ -185,17 +185,11 @@ def patch_upload(
                         "status": patch.status,
                     },
                 )
-            if case.status != BiopsyCase.Status.ANALYSING:
-                before = case.status
-                case.status = BiopsyCase.Status.ANALYSING
-                case.save(update_fields=["status", "updated_at"])
-                audit_record(
-                    actor=uploaded_by,
-                    action="case.status",
-                    target=case,
-                    before={"status": before},
-                    after={"status": case.status},
-                )
+            from cases.transitions import case_transition, cases_touch
+
+            if not case_transition(case_ids=[case.pk], to=BiopsyCase.Status.ANALYSING, actor=uploaded_by):
+                cases_touch(case_ids=[case.pk])  # already analysing: it has new patches all the same
+            case.refresh_from_db(fields=["status", "updated_at"])
             ids = [p.pk for p in patches]
             transaction.on_commit(lambda: analysis_enqueue(ids))
     except BaseException:

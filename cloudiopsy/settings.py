@@ -94,10 +94,10 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
     "django_otp.middleware.OTPMiddleware",
     "accounts.middleware.IdleTimeoutMiddleware",
     "accounts.middleware.SecondFactorMiddleware",
-    "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "cloudiopsy.middleware.NoStoreMiddleware",
     # Last, as django-axes asks: it turns a lockout raised during login into the lockout page.
@@ -118,6 +118,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "inference.context_processors.drift_alert",
+                "accounts.context_processors.session",
             ],
         },
     },
@@ -164,7 +165,7 @@ AXES_FAILURE_LIMIT = LOGIN_FAILURE_LIMIT + 1
 AXES_COOLOFF_TIME = datetime.timedelta(minutes=LOGIN_LOCKOUT_MINUTES)
 AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
 AXES_RESET_ON_SUCCESS = True
-AXES_LOCKOUT_TEMPLATE = "registration/locked_out.html"
+AXES_LOCKOUT_CALLABLE = "accounts.views.lockout_response"
 AXES_CLIENT_IP_CALLABLE = "audit.services.client_address"
 AXES_USERNAME_FORM_FIELD = "username"
 AXES_VERBOSE = False
@@ -250,7 +251,7 @@ WEBHOOK_DEADLINE_SECONDS = env_int("WEBHOOK_DEADLINE_SECONDS", 10)
 WEBHOOK_SWEEP_AFTER_SECONDS = env_int("WEBHOOK_SWEEP_AFTER_SECONDS", 120)
 
 # Secrets stored in the database (webhook signing secrets) are encrypted with this key (Fernet,
-# 32 url-safe base64 bytes; `python -c "from cryptography.fernet import Fernet; print(Fernet.generate_key().decode())"`).
+# 32 url-safe base64 bytes: `python -c "from cryptography.fernet import Fernet as F; print(F.generate_key())"`).
 # Kept outside the database: FIELD_ENCRYPTION_KEY_FILE. Under DEBUG a key derived from SECRET_KEY is used.
 FIELD_ENCRYPTION_KEY = env_str("FIELD_ENCRYPTION_KEY")
 
@@ -260,7 +261,7 @@ AUDIT_HMAC_KEY = env_str("AUDIT_HMAC_KEY")
 if not AUDIT_HMAC_KEY:
     if not DEBUG:
         raise ImproperlyConfigured("AUDIT_HMAC_KEY (or AUDIT_HMAC_KEY_FILE) is required when DEBUG is off")
-    AUDIT_HMAC_KEY = "insecure-local-development-audit-key"  # noqa: S105 - DEBUG only
+    AUDIT_HMAC_KEY = "insecure-local-development-audit-key"
 
 # Behind a reverse proxy: the client address comes from this header (e.g. X-Forwarded-For), taking
 # the address TRUSTED_PROXY_COUNT hops from the right; without it, REMOTE_ADDR is used as is.

@@ -2,8 +2,9 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 from django.views.generic import RedirectView
-from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitView
 
+from accounts import views as accounts_views
 from cases import api as cases_api
 from cloudiopsy.health import healthz
 
@@ -15,13 +16,16 @@ api_v1 = [
     path("patches/<int:pk>/", cases_api.PatchDetail.as_view(), name="patch-detail"),
     path("patches/<int:pk>/image/", cases_api.PatchImage.as_view(), name="patch-image"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
-    path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="docs"),
+    path("docs/", SpectacularSwaggerSplitView.as_view(url_name="api:schema"), name="docs"),
 ]
 
 urlpatterns = [
     path("", RedirectView.as_view(pattern_name="cases:list", permanent=False)),
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("account/", include("accounts.urls")),
+    # One way in: lockout, the second factor and the identity provider live on one login page.
+    path("admin/login/", accounts_views.admin_login),
     path("cases/", include("cases.urls")),
     path("monitoring/", include("inference.urls")),
     path("api/v1/", include((api_v1, "api"), namespace="api")),

@@ -397,27 +397,19 @@ def _store(outcomes: list[tuple[TissuePatch, PatchOutcome]], version: ModelVersi
 def case_status_refresh(*, case_ids: list[int]) -> None:
     """Move analysing cases whose patches all have a result to 'ready for review', and queue
     the webhook event for each (in the same transaction, sent after commit)."""
+    from cases.transitions import case_transition, cases_touch
     from webhooks.models import WebhookEndpoint
     from webhooks.services import events_for_cases
 
+    cases_touch(case_ids=case_ids)  # their patches have results now
     ready = list(
         BiopsyCase.objects.filter(pk__in=case_ids, status=BiopsyCase.Status.ANALYSING)
         .exclude(patches__status__in=TissuePatch.PENDING)
         .values_list("pk", flat=True)
     )
-    moved = BiopsyCase.objects.filter(pk__in=ready, status=BiopsyCase.Status.ANALYSING).update(
-        status=BiopsyCase.Status.READY_FOR_REVIEW, updated_at=timezone.now()
-    )
+    moved = case_transition(case_ids=ready, to=BiopsyCase.Status.READY_FOR_REVIEW, actor=WORKER)
     if moved:
-        for case in BiopsyCase.objects.filter(pk__in=ready):
-            audit_record(
-                actor=WORKER,
-                action="case.status",
-                target=case,
-                before={"status": BiopsyCase.Status.ANALYSING},
-                after={"status": case.status},
-            )
-        events_for_cases(case_ids=ready, event=WebhookEndpoint.Event.CASE_READY)
+        events_for_cases(case_ids=moved, event=WebhookEndpoint.Event.CASE_READY)
 
 
 def analysis_reconcile(*, stale_after: timedelta | None = None) -> dict[str, int]:

@@ -61,3 +61,26 @@ def wait_text(driver, css: str, text: str, timeout: float = 20) -> None:
             return
         time.sleep(0.3)
     raise AssertionError(f"{text!r} never appeared in {css}; page: {driver.page_source[-3000:]}")
+
+
+def login(driver, base_url: str, username: str, password: str = "not-a-real-pass-1") -> None:
+    """Sign in through the login page, and through the second-factor page with the code of the
+    user's authenticator when their role needs one (``tests.conftest.authenticator`` made it)."""
+    from django_otp.plugins.otp_totp.models import TOTPDevice
+    from selenium.webdriver.common.by import By
+
+    from tests.conftest import totp_code
+
+    driver.get(f"{base_url}/login/")
+    driver.find_element(By.ID, "id_username").send_keys(username)
+    driver.find_element(By.ID, "id_password").send_keys(password)
+    driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    deadline = time.monotonic() + 10
+    while "/login/" in driver.current_url and time.monotonic() < deadline:
+        time.sleep(0.1)
+    if "/account/two-factor/" in driver.current_url:
+        device = TOTPDevice.objects.get(user__username=username, confirmed=True)
+        driver.find_element(By.ID, "id_code").send_keys(totp_code(device))
+        driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        while "/account/two-factor/" in driver.current_url and time.monotonic() < deadline:
+            time.sleep(0.1)

@@ -85,6 +85,42 @@ def pathologist(institution):
     return make_user(institution, User.Role.PATHOLOGIST)
 
 
+def authenticator(user):
+    """The user's confirmed TOTP authenticator (created when missing), as if they had enrolled."""
+    from django_otp.plugins.otp_totp.models import TOTPDevice
+
+    return TOTPDevice.objects.filter(user=user, confirmed=True).first() or TOTPDevice.objects.create(
+        user=user, name="test authenticator", confirmed=True
+    )
+
+
+def totp_code(device, steps_ahead: int = 0) -> str:
+    """The code the user's authenticator app shows now (or ``steps_ahead`` 30-second steps later:
+    a code is accepted once, and one step of clock drift is allowed)."""
+    import time
+
+    from django_otp.oath import TOTP
+
+    totp = TOTP(device.bin_key, device.step, device.t0, device.digits, device.drift)
+    totp.time = time.time() + steps_ahead * device.step
+    return f"{totp.token():0{device.digits}d}"
+
+
+def verified_login(client, user):
+    """Sign ``user`` in as if they had passed their second factor (TOTP) too.
+
+    Pathologists, administrators and superusers must pass one before any page (MFA_REQUIRED_ROLES);
+    tests of other features sign them in with this instead of ``force_login``.
+    """
+    from django_otp import DEVICE_ID_SESSION_KEY
+
+    client.force_login(user)
+    session = client.session
+    session[DEVICE_ID_SESSION_KEY] = authenticator(user).persistent_id
+    session.save()
+    return client
+
+
 @pytest.fixture
 def clinician_client(client, clinician):
     client.force_login(clinician)

@@ -9,7 +9,7 @@ from cases.review import review_submit
 from cases.selectors import agreement_stats
 from cases.services import patch_upload
 from inference import services
-from tests.conftest import fixture_patch, make_user, new_case
+from tests.conftest import fixture_patch, make_user, new_case, verified_login
 
 pytestmark = pytest.mark.django_db
 
@@ -43,9 +43,9 @@ def test_agreement_figures_match_hand_computed_values(reviews, institution):
 
 
 def test_dashboard_is_for_administrators(reviews, institution, client, pathologist):
-    client.force_login(pathologist)
+    verified_login(client, pathologist)
     assert client.get("/cases/agreement/").status_code == 403
-    client.force_login(make_user(institution, User.Role.ADMIN))
+    verified_login(client, make_user(institution, User.Role.ADMIN))
     page = client.get("/cases/agreement/").content.decode()
     assert "50% agreement" in page and 'id="reviews">4<' in page
     assert "<th>NORM</th><td>1</td><td>1</td><td>0</td><td>0</td>" in page.replace("\n", "")

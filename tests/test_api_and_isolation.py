@@ -8,7 +8,7 @@ import pytest
 
 from accounts.models import LabSystem, User
 from cases.models import BiopsyCase, Patient
-from tests.conftest import CASE_PAYLOAD, fixture_patch, lab_client, make_user, new_case
+from tests.conftest import CASE_PAYLOAD, fixture_patch, lab_client, make_user, new_case, verified_login
 
 pytestmark = pytest.mark.django_db
 
@@ -144,13 +144,13 @@ def test_clinician_cannot_fetch_other_institution_patch_image(clinician_client, 
     url = f"/cases/{other_case.pk}/patches/{result.patches[0].pk}/image/"
     assert clinician_client.get(url).status_code == 404
     client_b = type(clinician_client)()
-    client_b.force_login(owner)
+    verified_login(client_b, owner)
     assert client_b.get(url).status_code == 200
 
 
 def test_user_without_institution_sees_nothing(client, db, other_case):
     loner = User.objects.create_user(username="loner", password="not-a-real-pass-1")
-    client.force_login(loner)
+    verified_login(client, loner)
     assert client.get("/api/v1/cases/").status_code == 403
     assert client.get(f"/cases/{other_case.pk}/").status_code == 404
 
@@ -195,7 +195,7 @@ def test_admin_staff_of_an_institution_see_only_its_rows(client, institution, ot
     staff.user_permissions.add(
         *Permission.objects.filter(codename__in=["view_biopsycase", "view_patient", "view_user"])
     )
-    client.force_login(staff)
+    verified_login(client, staff)
     cases = client.get("/admin/cases/biopsycase/").content.decode()
     assert "OURS-1" in cases and "B-0001" not in cases
     patients = client.get("/admin/cases/patient/").content.decode()

@@ -9,8 +9,8 @@ import pytest
 from accounts.models import User
 from cases.models import TissuePatch
 from inference import services
-from tests.browser import texts, wait_text
-from tests.conftest import fixture_patch, make_user
+from tests.browser import login, texts, wait_text
+from tests.conftest import authenticator, fixture_patch, make_user
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -81,12 +81,9 @@ def test_pathologist_reviews_with_shortcuts_and_signs_out(browser, live_server, 
     files = [(n, fixture_patch(n).read_bytes()) for n in ("TUM-TCGA-KECNIDCQ.png", "NORM-TCGA-INTLNRAV.png")]
     patches = patch_upload(case=case, uploaded_by=clinician, files=files).patches
     services.prediction_run(patch_ids=[p.pk for p in patches])
-    make_user(institution, User.Role.PATHOLOGIST, username="dr-path")
+    authenticator(make_user(institution, User.Role.PATHOLOGIST, username="dr-path"))
 
-    browser.get(f"{live_server.url}/login/")
-    browser.find_element(By.ID, "id_username").send_keys("dr-path")
-    browser.find_element(By.ID, "id_password").send_keys("not-a-real-pass-1")
-    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    login(browser, live_server.url, "dr-path")
     wait_text(browser, "h1", "Cases")
     browser.get(f"{live_server.url}/cases/worklist/")
     wait_text(browser, "#worklist", "S26-PATH")

@@ -24,7 +24,7 @@ from inference.context_processors import drift_alert
 from inference.core.augment import HED_FROM_RGB, RGB_FROM_HED
 from inference.models import SiteValidation
 from inference.sites import SiteImage, site_images_from_folder, site_validate
-from tests.conftest import FIXTURE_PATCHES, make_user, new_case, shared_data
+from tests.conftest import FIXTURE_PATCHES, make_user, new_case, shared_data, verified_login
 
 pytestmark = pytest.mark.django_db
 
@@ -233,10 +233,10 @@ def test_rate_band_is_three_standard_errors_and_at_least_ten_points():
 
 def test_drift_page_is_for_administrators(site, clinician, institution, client, pathologist, other_institution):
     analyse(clinician, tiles(*(lambda im, t=t: restain(t(im)) for t in SAME_TISSUE)), "S-PAGE")
-    client.force_login(pathologist)
+    verified_login(client, pathologist)
     assert client.get("/monitoring/drift/").status_code == 403
     assert client.get("/monitoring/drift/inputs.png").status_code == 403
-    client.force_login(make_user(institution, User.Role.ADMIN))
+    verified_login(client, make_user(institution, User.Role.ADMIN))
     page = client.get("/monitoring/drift/?weeks=4").content.decode()
     assert 'id="out-of-band"' not in page  # 14 patches: below the default minimum of 20
     page = client.get("/monitoring/drift/").content.decode()
@@ -252,14 +252,14 @@ def test_drift_page_is_for_administrators(site, clinician, institution, client, 
 def test_out_of_band_figure_is_named_on_the_page(site, clinician, institution, client, settings):
     settings.DRIFT_MIN_PATCHES = 5
     analyse(clinician, tiles(*(lambda im, t=t: restain(t(im)) for t in SAME_TISSUE)), "S-NAMED")
-    client.force_login(make_user(institution, User.Role.ADMIN))
+    verified_login(client, make_user(institution, User.Role.ADMIN))
     page = client.get("/monitoring/drift/").content.decode()
     assert 'id="out-of-band"' in page and 'data-figure="od_h"' in page
     assert 'id="drift-banner"' in page and "Haematoxylin OD (mean)" in page
 
 
 def test_superuser_chooses_the_institution(site, clinician, institution, client, other_institution):
-    client.force_login(User.objects.create_superuser("root", password="not-a-real-pass-1"))
+    verified_login(client, User.objects.create_superuser("root", password="not-a-real-pass-1"))
     page = client.get(f"/monitoring/drift/?institution={other_institution.slug}").content.decode()
     assert "No baseline" in page and "Other Hospital" in page
     page = client.get(f"/monitoring/drift/?institution={institution.slug}").content.decode()
@@ -281,9 +281,9 @@ def test_banner_is_for_administrators_and_cached(
     assert alert and "Haematoxylin OD (mean)" in alert["figures"]
     with django_assert_num_queries(0):  # cached per institution
         assert drift_alert(request)["drift_alert"]["week"] == alert["week"]
-    client.force_login(clinician)
+    verified_login(client, clinician)
     assert 'id="drift-banner"' not in client.get("/cases/").content.decode()
-    client.force_login(request.user)
+    verified_login(client, request.user)
     assert 'id="drift-banner"' in client.get("/cases/").content.decode()
 
 

@@ -9,8 +9,8 @@ import pytest
 from django.core.cache import cache
 
 from accounts.models import User
-from tests.browser import texts, wait_text
-from tests.conftest import make_user
+from tests.browser import login, texts, wait_text
+from tests.conftest import authenticator, make_user
 from tests.test_drift import SAME_TISSUE, analyse, restain, tiles, validate
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -29,12 +29,9 @@ def test_admin_sees_drift_banner_page_and_charts(
     cache.clear()
     validate(institution, demo_model, tiles(lambda im: im, lambda im: im.rotate(90)))
     analyse(clinician, tiles(*(lambda im, t=t: restain(t(im)) for t in SAME_TISSUE)), "S-DRIFT")
-    make_user(institution, User.Role.ADMIN, username="site-admin")
+    authenticator(make_user(institution, User.Role.ADMIN, username="site-admin"))
 
-    browser.get(f"{live_server.url}/login/")
-    browser.find_element(By.ID, "id_username").send_keys("site-admin")
-    browser.find_element(By.ID, "id_password").send_keys("not-a-real-pass-1")
-    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    login(browser, live_server.url, "site-admin")
     wait_text(browser, "h1", "Cases")
     wait_text(browser, "#drift-banner", "Haematoxylin OD (mean)")
 

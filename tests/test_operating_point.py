@@ -19,7 +19,7 @@ from cases.services import patch_upload
 from inference import services
 from inference.models import Prediction, SiteValidation
 from inference.selectors import model_default_threshold
-from tests.conftest import fixture_patch, make_user, new_case
+from tests.conftest import fixture_patch, make_user, new_case, verified_login
 from tests.test_api_contract import token
 
 pytestmark = pytest.mark.django_db
@@ -90,7 +90,7 @@ def test_without_site_validation_the_default_threshold_applies_and_is_marked(
     assert prediction.tumour_threshold == default
     assert prediction.suspected_tumour is (prediction.scores["TUM"] >= default)
 
-    client.force_login(pathologist)
+    verified_login(client, pathologist)
     page = client.get(f"/cases/{case.pk}/").content.decode()
     assert page.count('<span class="badge not-validated"') == 3  # once per patch and once for the case
     assert "the model's default threshold applied" in page
@@ -135,7 +135,7 @@ def test_worker_judges_a_score_just_above_and_just_below_the_site_threshold(
         low,
     )
 
-    client.force_login(pathologist)
+    verified_login(client, pathologist)
     page = client.get(f"/cases/{above.pk}/").content.decode()
     score, threshold = re.search(r"TUM (\d\.\d+), at or above this site's threshold (\d\.\d+): ", page).groups()
     assert float(score) > float(threshold)  # printed with enough decimals to tell them apart
@@ -231,7 +231,7 @@ def test_worklist_orders_and_flags_by_the_stored_judgement_not_the_label(
     BiopsyCase.objects.filter(pk=urgent.pk).update(priority=BiopsyCase.Priority.URGENT)
 
     assert [c.accession for c in worklist(principal=pathologist)] == ["URGENT", "SUSPECTED", "TUM-LABEL"]
-    client.force_login(pathologist)
+    verified_login(client, pathologist)
     with CaptureQueriesContext(connection) as queries:
         page = client.get("/cases/worklist/").content.decode()
     worklist_queries = len(queries)  # read now: the log is reset by the next request
@@ -273,7 +273,7 @@ def test_result_stored_before_operating_points_reads_as_unjudged(
 ):
     case = new_case(clinician, accession="LEGACY")
     prediction = _stored(case, demo_model, {"TUM": 0.9, "NORM": 0.1}, None)
-    client.force_login(pathologist)
+    verified_login(client, pathologist)
     page = client.get(f"/cases/{case.pk}/").content.decode()
     assert "No tumour threshold recorded" in page and "not validated at this site" in page
     assert 'class="badge suspected-tumour"' not in page and "default threshold applied" not in page

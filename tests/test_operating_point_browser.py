@@ -10,8 +10,8 @@ import pytest
 
 from accounts.models import User
 from inference.models import Prediction
-from tests.browser import texts, wait_text
-from tests.conftest import make_user
+from tests.browser import login, texts, wait_text
+from tests.conftest import authenticator, make_user
 from tests.test_operating_point import IMAGE, STEP, analysed, site_validation
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db(transaction=True)]
@@ -36,12 +36,9 @@ def test_pathologist_sees_the_site_threshold_and_the_not_validated_mark(
     analysed(clinician, "S26-BELOW")
     site_validation(institution, demo_model, score - STEP)
     analysed(clinician, "S26-ABOVE", names=(IMAGE, "NORM-TCGA-INTLNRAV.png"))
-    make_user(institution, User.Role.PATHOLOGIST, username="dr-op")
+    authenticator(make_user(institution, User.Role.PATHOLOGIST, username="dr-op"))
 
-    browser.get(f"{live_server.url}/login/")
-    browser.find_element(By.ID, "id_username").send_keys("dr-op")
-    browser.find_element(By.ID, "id_password").send_keys("not-a-real-pass-1")
-    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    login(browser, live_server.url, "dr-op")
     wait_text(browser, "h1", "Cases")
 
     browser.get(f"{live_server.url}/cases/worklist/")

@@ -12,7 +12,7 @@ from cases.review import NotAllowed, addendum_add, case_sign_out, review_confirm
 from cases.services import CaseError, patch_upload
 from inference import services
 from inference.models import Prediction
-from tests.conftest import fixture_patch, make_user, new_case
+from tests.conftest import fixture_patch, make_user, new_case, verified_login
 from tests.test_api_contract import token
 
 pytestmark = pytest.mark.django_db
@@ -111,7 +111,7 @@ def test_only_pathologists_review_and_sign_out(ready_case, clinician, clinician_
 def test_pathologist_of_another_institution_gets_404(ready_case, other_institution, client):
     case, (tum, *_) = ready_case
     outsider = make_user(other_institution, User.Role.PATHOLOGIST)
-    client.force_login(outsider)
+    verified_login(client, outsider)
     assert client.post(f"/cases/{case.pk}/patches/{tum.pk}/review/", {"decision": "confirm"}).status_code == 404
     assert client.post(f"/cases/{case.pk}/sign-out/", {"conclusion": "no_tumour"}).status_code == 404
     assert not Review.objects.exists()
@@ -162,7 +162,7 @@ def test_addenda_only_after_sign_out(ready_case, pathologist):
 
 def test_case_page_review_flow_for_a_pathologist(ready_case, pathologist, client):
     case, (_tum, norm, _tif) = ready_case
-    client.force_login(pathologist)
+    verified_login(client, pathologist)
     page = client.get(f"/cases/{case.pk}/").content.decode()
     assert "Confirm all unreviewed (3)" in page and "disabled" in page[page.index('id="sign-out-form"') :]
     response = client.post(
@@ -186,7 +186,7 @@ def test_second_read_is_blind_flags_disagreements_and_needs_adjudication(ready_c
     case = case_request_second_read(case=case, by=pathologist)
     review_confirm_all(case=case, pathologist=pathologist)
     assert final_labels(case) == {}  # one read is not enough any more
-    client.force_login(second)
+    verified_login(client, second)
     page = client.get(f"/cases/{case.pk}/").content.decode()
     assert "Pathologist: <strong>" not in page and "Confirm all unreviewed (3)" in page  # blind to the first read
 
@@ -209,13 +209,14 @@ def test_second_read_is_blind_flags_disagreements_and_needs_adjudication(ready_c
     assert [e.after["read"] for e in events("review.override")] == [2]
 
 
-def test_updated_since_returns_a_case_after_sign_out_and_after_an_addendum(ready_case, pathologist, lab_api):
+def test_updated_since_returns_a_case_after_every_change_inside_it(ready_case, clinician, pathologist, lab_api):
+    """Lab systems poll updated_since: new patches, their results, reviews, sign-out and addenda
+    each make the case show up again."""
     import datetime
 
     from django.utils import timezone
 
-    case, _ = ready_case
-    review_confirm_all(case=case, pathologist=pathologist)
+    case, (tum, *_) = ready_case
 
     def changed_since(moment) -> list[int]:
         stamp = moment.isoformat().replace("+00:00", "Z")
@@ -223,22 +224,47 @@ def test_updated_since_returns_a_case_after_sign_out_and_after_an_addendum(ready
         assert response.status_code == 200, response.content
         return [c["id"] for c in response.json()["results"]]
 
-    before_sign_out = timezone.now() + datetime.timedelta(microseconds=1)
-    assert case.pk not in changed_since(before_sign_out)
-    case_sign_out(case=case, pathologist=pathologist, conclusion="adenocarcinoma", comment="")
-    assert case.pk in changed_since(before_sign_out)
+    def shows_up_after(change) -> None:
+        moment = timezone.now() + datetime.timedelta(microseconds=1)
+        assert case.pk not in changed_since(moment)
+        change()
+        assert case.pk in changed_since(moment)
 
-    before_addendum = timezone.now() + datetime.timedelta(microseconds=1)
-    assert case.pk not in changed_since(before_addendum)
-    addendum_add(case=case, pathologist=pathologist, text="KRAS G12D.", reason="molecular result")
-    assert case.pk in changed_since(before_addendum)
+    added = []
+    shows_up_after(
+        lambda: added.extend(
+            patch_upload(
+                case=case, uploaded_by=clinician, files=[(NAMES[0], fixture_patch(NAMES[0]).read_bytes())]
+            ).patches
+        )
+    )
+    shows_up_after(lambda: services.prediction_run(patch_ids=[p.pk for p in added]))
+    shows_up_after(lambda: review_submit(patch=tum, pathologist=pathologist, decision="confirm"))
+    shows_up_after(lambda: review_confirm_all(case=case, pathologist=pathologist))
+    shows_up_after(lambda: case_sign_out(case=case, pathologist=pathologist, conclusion="adenocarcinoma", comment=""))
+    shows_up_after(
+        lambda: addendum_add(case=case, pathologist=pathologist, text="KRAS G12D.", reason="molecular result")
+    )
+    status_events = [
+        (e.before["status"], e.after["status"])
+        for e in AuditEvent.objects.filter(
+            target_id=str(case.pk), action__in=["case.status", "case.sign_out"]
+        ).order_by("id")
+    ]
+    assert status_events == [
+        ("open", "analysing"),
+        ("analysing", "ready_for_review"),
+        ("ready_for_review", "analysing"),
+        ("analysing", "ready_for_review"),
+        ("ready_for_review", "signed_out"),
+    ]
 
 
 def test_impossible_dates_and_ids_are_clear_errors_not_server_errors(ready_case, pathologist, client, lab_api):
     case, _ = ready_case
     response = lab_api.get("/api/v1/cases/", {"updated_since": "2026-02-31T10:00:00Z"})
     assert response.status_code == 400 and "updated_since" in response.json()["errors"]
-    client.force_login(pathologist)
+    verified_login(client, pathologist)
     page = client.get("/cases/worklist/", {"since": "2026-02-31"})
     assert page.status_code == 200 and "is not a date" in page.content.decode()
     response = client.post(f"/cases/{case.pk}/assign/", {"assignee": "abc"})

@@ -20,7 +20,7 @@ from inference import services
 from inference.core import Predictor, evaluation, pipeline
 from inference.models import ModelVersion, SiteValidation
 from inference.sites import SiteImage, SiteValidationError, site_measure
-from tests.conftest import DEMO_MODEL, FIXTURE_PATCHES, make_user, new_case
+from tests.conftest import DEMO_MODEL, FIXTURE_PATCHES, make_user, new_case, verified_login
 
 BASELINE_KEYS = {
     "n",
@@ -255,7 +255,7 @@ def reviewed_case(institution, clinician, demo_model):
 
 @pytest.fixture
 def superuser_client(client, db):
-    client.force_login(User.objects.create_superuser("root", password="not-a-real-pass-1"))
+    verified_login(client, User.objects.create_superuser("root", password="not-a-real-pass-1"))
     return client
 
 
@@ -302,7 +302,7 @@ def test_staff_of_another_institution_do_not_see_the_validation(client, institut
     staff.is_staff = True
     staff.save()
     staff.user_permissions.add(Permission.objects.get(codename="view_sitevalidation"))
-    client.force_login(staff)
+    verified_login(client, staff)
     listing = client.get("/admin/inference/sitevalidation/")
     assert listing.status_code == 200 and "St Mary" not in listing.content.decode()
     assert client.get(f"/admin/inference/sitevalidation/{validation.pk}/plot/roc.png").status_code == 404

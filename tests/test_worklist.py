@@ -12,7 +12,7 @@ from cases.review import NotAllowed, case_assign
 from cases.selectors import case_counts, worklist
 from cases.services import CaseError, patch_upload
 from inference.models import Prediction
-from tests.conftest import fixture_patch, make_user, new_case
+from tests.conftest import fixture_patch, make_user, new_case, verified_login
 
 pytestmark = pytest.mark.django_db
 
@@ -61,7 +61,7 @@ def test_worklist_filters_and_counts(cases, pathologist, client):
     assert case_counts(principal=pathologist) == {
         "open": 0, "analysing": 0, "ready_for_review": 4, "signed_out": 1,
     }  # fmt: skip
-    client.force_login(pathologist)
+    verified_login(client, pathologist)
     page = client.get("/cases/worklist/").content.decode()
     rows = [page.index(f">{a}</a>") for a in ("E", "B", "C", "D")]
     assert rows == sorted(rows) and ">A</a>" not in page
