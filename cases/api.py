@@ -33,6 +33,7 @@ from accounts.permissions import institution_of
 from audit.services import patient_read
 from cases.fhir import case_bundle
 from cases.models import Addendum, BiopsyCase, Patient, Review, SignOut, TissuePatch
+from cases.review import review_visible
 from cases.selectors import case_with_results, cases_visible_to
 from cases.services import NoValidImage, PatientData, case_create, patch_upload
 from cases.uploads import UploadRejected, check_file_name, read_uploads
@@ -84,9 +85,19 @@ def _can_read_results(principal) -> bool:
     return not isinstance(principal, LabSystem) or principal.has_scope(Scope.RESULTS_READ)
 
 
+def _can_read_cases(principal) -> bool:
+    return not isinstance(principal, LabSystem) or principal.has_scope(Scope.CASES_READ)
+
+
 class PatientSerializer(serializers.ModelSerializer):
     mrn = serializers.CharField(max_length=64, help_text="Medical record number, unique within the institution.")
-    name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
+    name = serializers.CharField(
+        max_length=200,
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="In the answer to a token without cases:read: null (the stored patient is not disclosed).",
+    )
 
     class Meta:
         model = Patient
@@ -170,7 +181,8 @@ class PatchSerializer(serializers.ModelSerializer):
     def get_review(self, patch: TissuePatch):
         if not self.context.get("results", True):
             return None
-        review = max(patch.reviews.all(), key=lambda r: r.pk, default=None)
+        # During a blind second read, only a decided label or the caller's own read (never the other reader's).
+        review = review_visible(case=patch.case, reviews=list(patch.reviews.all()), viewer=self.context.get("viewer"))
         return None if review is None else ReviewSerializer(review).data
 
 
@@ -311,7 +323,14 @@ class CaseListCreate(generics.ListCreateAPIView):
             priority=data.get("priority", BiopsyCase.Priority.ROUTINE),
             clinical_notes=data.get("clinical_notes", ""),
         )
-        return Response(CaseSerializer(case).data, status=status.HTTP_201_CREATED)
+        data = CaseSerializer(case).data
+        if _can_read_cases(request.user):
+            # The patient may have been on file already: the answer shows what is stored.
+            patient_read(principal=request.user, patients=[case.patient], via="api case create", request=request)
+        else:
+            # A write-only token learns ids, not who the stored patient with that MRN is.
+            data["patient"] = {"mrn": case.patient.mrn, "name": None, "birth_date": None, "sex": None}
+        return Response(data, status=status.HTTP_201_CREATED)
 
 
 class CaseDetail(APIView):
@@ -326,7 +345,8 @@ class CaseDetail(APIView):
         except BiopsyCase.DoesNotExist:
             raise Http404 from None
         patient_read(principal=request.user, patients=[case.patient], via="api case", request=request, case=case)
-        return Response(CaseDetailSerializer(case, context={"results": _can_read_results(request.user)}).data)
+        context = {"results": _can_read_results(request.user), "viewer": request.user}
+        return Response(CaseDetailSerializer(case, context=context).data)
 
 
 class _NameCheckingDjangoParser(DjangoMultiPartParser):
@@ -451,7 +471,9 @@ class PatchDetail(APIView):
     @extend_schema(responses={200: PatchSerializer, **ERRORS})
     def get(self, request, pk: int):
         patch = _visible_patch(request, pk)
-        return Response(PatchSerializer(patch, context={"results": _can_read_results(request.user)}).data)
+        return Response(
+            PatchSerializer(patch, context={"results": _can_read_results(request.user), "viewer": request.user}).data
+        )
 
 
 class PatchImage(APIView):

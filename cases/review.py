@@ -308,3 +308,36 @@ def case_assign(*, case: BiopsyCase, assignee: User, by: User, request=None) -> 
             request=request,
         )
     return case
+
+
+def _blind(case: BiopsyCase) -> bool:
+    return case.second_read and case.status != BiopsyCase.Status.SIGNED_OUT
+
+
+def review_visible(*, case: BiopsyCase, reviews: list[Review], viewer) -> Review | None:
+    """The review of one patch that ``viewer`` may see. During a blind second read only a decided
+    label (both reads agree, or the adjudication) or the viewer's own read; never the other reader's."""
+    if not reviews:
+        return None
+    reviews = sorted(reviews, key=lambda r: r.pk)
+    if not _blind(case):
+        return reviews[-1]
+    reads = {review.read: review for review in reviews}
+    if Review.Read.ADJUDICATION in reads:
+        return reads[Review.Read.ADJUDICATION]
+    first, second = reads.get(Review.Read.FIRST), reads.get(Review.Read.SECOND)
+    if first and second and first.final_label == second.final_label:
+        return max(first, second, key=lambda r: r.pk)
+    own = [r for r in reviews if isinstance(viewer, User) and r.pathologist_id == viewer.pk]
+    return own[-1] if own else None
+
+
+def history_visible(*, case: BiopsyCase, events: list, viewer) -> list:
+    """The case history as ``viewer`` may see it: during a blind second read the other reader's
+    review events keep who and when but not what they decided."""
+    if not _blind(case):
+        return events
+    for event in events:
+        if event.action.startswith("review.") and event.actor_id != str(getattr(viewer, "pk", "")):
+            event.before, event.after, event.reason = None, {"hidden": "blind second read"}, ""
+    return events

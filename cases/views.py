@@ -29,6 +29,7 @@ from cases.review import (
     case_sign_out,
     disagreements,
     final_labels,
+    history_visible,
     review_confirm_all,
     review_submit,
 )
@@ -163,7 +164,9 @@ def _render_case(
     reads_by_patch: dict[int, list] = {}
     for review in reviews:
         reads_by_patch.setdefault(review.patch_id, []).append(review)
-    history = case_history(case=case, patch_ids=[p.pk for p in patches])
+    history = history_visible(
+        case=case, events=case_history(case=case, patch_ids=[p.pk for p in patches]), viewer=request.user
+    )
     for patch in patches:
         patch.latest_prediction = next(iter(patch.predictions.all()), None)
         patch.review = mine.get(patch.pk)

@@ -234,3 +234,36 @@ def test_password_validators(pathologist, password, accepted):
         assert not accepted
     else:
         assert accepted
+
+
+@pytest.mark.django_db
+def test_failed_token_authentications_are_audited_without_the_key(institution):
+    from django.core.cache import cache
+    from django.utils import timezone
+    from rest_framework.test import APIClient
+
+    from accounts.models import LabSystem
+    from accounts.services import lab_system_create
+
+    cache.clear()
+    api = APIClient()
+    for n in range(3):
+        api.credentials(HTTP_AUTHORIZATION=f"Token cldy_made-up-{n}")
+        assert api.get("/api/v1/cases/").status_code == 401
+    unknown = AuditEvent.objects.filter(action="auth.token_failed")
+    assert unknown.count() == 1  # one per address per minute, not one per guess
+    assert unknown.get().after["why"] == "unknown" and "made-up" not in str(unknown.get().after)
+
+    lab, key = lab_system_create(institution=institution, name="Old LIS")
+    LabSystem.objects.filter(pk=lab.pk).update(revoked_at=timezone.now())
+    api.credentials(HTTP_AUTHORIZATION=f"Token {key}")
+    assert api.get("/api/v1/cases/").status_code == 401
+    revoked = AuditEvent.objects.filter(action="auth.token_failed").order_by("-id").first()
+    assert revoked.after["why"] == "revoked" and revoked.actor_id == str(lab.pk)
+    assert revoked.institution_id == institution.pk and key not in str(revoked.after)
+
+    cache.delete(f"token-failure:{revoked.client_address}")  # the minute is over
+    api.credentials(HTTP_AUTHORIZATION="Token cldy_made-up-again")
+    api.get("/api/v1/cases/")
+    latest = AuditEvent.objects.filter(action="auth.token_failed").order_by("-id").first()
+    assert latest.after["why"] == "unknown" and latest.after["earlier_unrecorded"] == 2

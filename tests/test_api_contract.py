@@ -98,6 +98,43 @@ def test_every_endpoint_checks_token_scope_institution_and_validity(
         assert response.json()["count"] == 0
 
 
+@pytest.mark.parametrize("kind", ["valid", "lacking scope"])
+@pytest.mark.parametrize(
+    ("path", "scope"), sorted({(path, scope) for method, path, _, scope, _, _ in ENDPOINTS if method == "GET"})
+)
+def test_head_needs_the_get_scope_and_options_is_refused_to_tokens(world, institution, kind, path, scope):
+    """HEAD tells whether a case exists and its size: it needs what GET needs. OPTIONS (and any
+    method a view does not declare a scope for) is refused to tokens, whatever their scopes."""
+    case, patch = world
+    needed = [scope] if isinstance(scope, str) else list(scope)
+    scopes = needed if kind == "valid" else [s for s in Scope.values if s != needed[-1]]
+    url = path.format(case=case.pk, patch=patch.pk)
+    head = token(institution, scopes).head(url)
+    assert head.status_code == (200 if kind == "valid" else 403)
+    options = token(institution, Scope.values).options(url)
+    assert options.status_code == 403 and options.json()["status"] == 403
+
+
+def test_write_only_token_gets_ids_back_not_the_stored_patient(institution, clinician):
+    from audit.models import AuditEvent
+
+    new_case(clinician, accession="S-OLD", mrn="MRN-001")  # the patient is on file: "Patient MRN-001"
+    writer = token(institution, [Scope.CASES_WRITE])
+    payload = {**CASE_PAYLOAD, "accession": "S-NEW", "patient": {"mrn": "MRN-001"}}  # attach to the one on file
+    response = writer.post("/api/v1/cases/", payload, format="json")
+    assert response.status_code == 201
+    body = response.json()
+    assert body["id"] and body["accession"] == "S-NEW"
+    assert body["patient"] == {"mrn": "MRN-001", "name": None, "birth_date": None, "sex": None}
+    assert "Patient MRN-001" not in response.content.decode()
+    assert not AuditEvent.objects.filter(action="patient.read").exists()
+
+    reader = token(institution, [Scope.CASES_WRITE, Scope.CASES_READ])
+    again = reader.post("/api/v1/cases/", {**payload, "accession": "S-NEW-2"}, format="json").json()
+    assert again["patient"]["name"] == "Patient MRN-001"  # a reader may see it, and the read is recorded
+    assert AuditEvent.objects.filter(action="patient.read").count() == 1
+
+
 def test_results_need_the_results_scope(world, institution, demo_model):
     from inference import services
 

@@ -209,6 +209,45 @@ def test_second_read_is_blind_flags_disagreements_and_needs_adjudication(ready_c
     assert [e.after["read"] for e in events("review.override")] == [2]
 
 
+def test_blind_second_read_does_not_leak_through_the_api_or_the_history(ready_case, pathologist, institution, client):
+    from rest_framework.test import APIClient
+
+    from cases.review import case_request_second_read
+
+    case, (tum, norm, _tif) = ready_case
+    second = make_user(institution, User.Role.PATHOLOGIST, username="second-reader")
+    case = case_request_second_read(case=case, by=pathologist)
+    review_submit(
+        patch=norm,
+        pathologist=pathologist,
+        decision="override",
+        final_label="MUC",
+        reason_code="wrong_class",
+        reason_text="first reader's mucin note",
+    )
+    review_confirm_all(case=case, pathologist=pathologist)
+
+    def reviews_seen_by(user) -> dict[int, str | None]:
+        api = APIClient()
+        verified_login(api, user)
+        patches = api.get(f"/api/v1/cases/{case.pk}/").json()["patches"]
+        return {p["id"]: p["review"] and p["review"]["final_label"] for p in patches}
+
+    assert set(reviews_seen_by(second).values()) == {None}  # nothing of the first read
+    assert reviews_seen_by(pathologist)[norm.pk] == "MUC"  # the first reader sees their own read
+    lab = token(institution).get(f"/api/v1/cases/{case.pk}/").json()["patches"]
+    assert {p["review"] for p in lab} == {None}  # a lab system sees decided labels only
+    verified_login(client, second)
+    page = client.get(f"/cases/{case.pk}/").content.decode()
+    # The history shows that the first reader reviewed, not what they decided.
+    assert "mucin note" not in page and "blind second read" in page
+
+    review_submit(patch=tum, pathologist=second, decision="confirm")
+    assert reviews_seen_by(second)[tum.pk] == "TUM"
+    lab = {p["id"]: p["review"] for p in token(institution).get(f"/api/v1/cases/{case.pk}/").json()["patches"]}
+    assert lab[tum.pk]["final_label"] == "TUM" and lab[norm.pk] is None  # both reads agree on TUM: decided
+
+
 def test_updated_since_returns_a_case_after_every_change_inside_it(ready_case, clinician, pathologist, lab_api):
     """Lab systems poll updated_since: new patches, their results, reviews, sign-out and addenda
     each make the case show up again."""
