@@ -119,6 +119,7 @@ TEMPLATES = [
                 "django.contrib.messages.context_processors.messages",
                 "inference.context_processors.drift_alert",
                 "accounts.context_processors.session",
+                "accounts.context_processors.oidc",
             ],
         },
     },

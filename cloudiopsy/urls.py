@@ -24,6 +24,7 @@ urlpatterns = [
     path("login/", auth_views.LoginView.as_view(redirect_authenticated_user=True), name="login"),
     path("logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("account/", include("accounts.urls")),
+    path("oidc/", include("accounts.oidc_urls")),
     # One way in: lockout, the second factor and the identity provider live on one login page.
     path("admin/login/", accounts_views.admin_login),
     path("cases/", include("cases.urls")),
