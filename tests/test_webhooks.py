@@ -9,6 +9,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+from cryptography.fernet import Fernet
 from django.core.management import call_command
 
 from accounts.services import lab_system_create
@@ -29,10 +30,17 @@ def _local_receivers(settings):
     settings.WEBHOOK_ALLOW_PRIVATE_HOSTS = True
 
 
-class Receiver:
-    """A real HTTP server on 127.0.0.1 that answers with the given status codes in turn."""
+@pytest.fixture(autouse=True)
+def _field_encryption_key(settings):
+    """Tests run with DEBUG off (pytest-django), where the key must be configured, as in production."""
+    settings.FIELD_ENCRYPTION_KEY = Fernet.generate_key().decode()
 
-    def __init__(self, statuses: list[int]):
+
+class Receiver:
+    """A real HTTP server on 127.0.0.1 that answers with the given status codes in turn.
+    ``on_post(headers, body)``, when given, runs in the server's thread before it answers."""
+
+    def __init__(self, statuses: list[int], on_post=None):
         self.statuses = list(statuses)
         self.requests: list[tuple[dict, bytes]] = []
         outer = self
@@ -41,6 +49,8 @@ class Receiver:
             def do_POST(self):
                 body = self.rfile.read(int(self.headers["Content-Length"]))
                 outer.requests.append((dict(self.headers), body))
+                if on_post is not None:
+                    on_post(dict(self.headers), body)
                 code = outer.statuses.pop(0) if outer.statuses else 200
                 self.send_response(code)
                 self.end_headers()
@@ -71,8 +81,8 @@ def eager_celery():
 def receiver():
     started = []
 
-    def start(statuses):
-        started.append(Receiver(statuses))
+    def start(statuses, on_post=None):
+        started.append(Receiver(statuses, on_post))
         return started[-1]
 
     yield start

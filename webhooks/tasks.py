@@ -1,12 +1,31 @@
+"""Celery tasks, routed to the "webhooks" queue (CELERY_TASK_ROUTES) so that slow receivers never
+hold up analysis. A worker started without -Q consumes every queue in CELERY_TASK_QUEUES."""
+
 from celery import shared_task
+from django.conf import settings
 
 from webhooks import services
 
+# One attempt is bounded by WEBHOOK_DEADLINE_SECONDS; the rest is a few short queries.
+_TIME_LIMIT = settings.WEBHOOK_DEADLINE_SECONDS + services.CLAIM_MARGIN_SECONDS
 
-@shared_task(bind=True, name="webhooks.tasks.webhook_deliver", max_retries=services.MAX_ATTEMPTS, acks_late=True)
+
+@shared_task(
+    bind=True,
+    name="webhooks.tasks.webhook_deliver",
+    max_retries=services.MAX_ATTEMPTS,
+    acks_late=True,
+    soft_time_limit=_TIME_LIMIT - 5,
+    time_limit=_TIME_LIMIT,
+)
 def webhook_deliver(self, delivery_id: int) -> str:
-    status = services.deliver(delivery_id=int(delivery_id))
+    status = services.webhook_deliver(delivery_id=int(delivery_id))
     if status == "pending":
-        # Exponential backoff: 10 s, 20 s, 40 s ... capped at one hour.
-        raise self.retry(countdown=min(10 * 2**self.request.retries, 3600))
+        # Backoff as the delivery records it; if this retry message is lost, the sweep sends it.
+        raise self.retry(countdown=services.retry_countdown(delivery_id=int(delivery_id)))
     return status
+
+
+@shared_task(name="webhooks.tasks.webhook_sweep", acks_late=False, soft_time_limit=50, time_limit=55)
+def webhook_sweep() -> dict[str, int]:
+    return services.webhook_sweep()

@@ -6,8 +6,11 @@ from webhooks.services import endpoint_set
 
 class Command(BaseCommand):
     help = (
-        "Set a lab system's webhook URL. The platform POSTs signed JSON events there when a case "
-        "is ready for review. Prints the signing secret once, as WEBHOOK_SECRET=<secret>."
+        "Set a lab system's webhook URL (https to a public address, unless WEBHOOK_ALLOW_HTTP / "
+        "WEBHOOK_ALLOW_PRIVATE_HOSTS). The platform POSTs signed JSON events there when a case is ready "
+        "for review or signed out. Prints a new signing secret once, as WEBHOOK_SECRET=<secret>; the "
+        "database keeps it only encrypted (FIELD_ENCRYPTION_KEY). Run it again to replace a lost secret. "
+        "See docs/webhooks.md."
     )
 
     def add_arguments(self, parser):
