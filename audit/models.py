@@ -6,12 +6,20 @@ from django.db import models
 
 
 class AuditEvent(models.Model):
-    """One recorded action. Insert-only: on PostgreSQL a trigger rejects UPDATE and DELETE.
+    """One recorded action. Insert-only: database triggers reject UPDATE and DELETE (and TRUNCATE
+    on PostgreSQL).
 
-    ``hash`` is the SHA-256 of the event's content and ``prev_hash`` (the previous event's hash),
-    so changing or removing any event breaks every hash after it (``manage.py verify_audit``).
+    ``hash`` is the HMAC-SHA256, keyed with ``settings.AUDIT_HMAC_KEY``, of the event's content and
+    ``prev_hash`` (the previous event's hash), so changing or removing any event breaks every hash
+    after it, and whoever can write the table but lacks the key cannot make a chain that verifies
+    (``manage.py verify_audit``; docs/audit.md). Events recorded before the chain was keyed keep
+    their plain SHA-256 and say so in ``hash_scheme``.
     No foreign keys: nothing that happens to the rows an event names can change or cascade to it.
     """
+
+    class HashScheme(models.TextChoices):
+        SHA256 = "sha256", "SHA-256, unkeyed (before keyed chaining)"
+        HMAC_SHA256 = "hmac-sha256", "HMAC-SHA256 with the audit key"
 
     class ActorType(models.TextChoices):
         USER = "user", "User"
@@ -34,6 +42,17 @@ class AuditEvent(models.Model):
     client_address = models.GenericIPAddressField(null=True, blank=True)
     prev_hash = models.CharField(max_length=64)
     hash = models.CharField(max_length=64, unique=True)
+    hash_scheme = models.CharField(
+        max_length=12,
+        choices=HashScheme.choices,
+        help_text="How ``hash`` was made; unkeyed only before keyed chaining.",
+    )
+    key_id = models.CharField(
+        max_length=8,
+        blank=True,
+        help_text="Fingerprint of the key that made ``hash`` (first 8 hex digits of HMAC(key, "
+        "'cloudiopsy-audit-key-id')); empty when unkeyed. Tells a rotated or wrong key from tampering.",
+    )
 
     class Meta:
         ordering = ["id"]

@@ -7,7 +7,9 @@ Every variable is documented in README.md. Safe local defaults: SQLite and an em
 
 from __future__ import annotations
 
+import base64
 import datetime
+import hashlib
 import os
 from pathlib import Path
 
@@ -129,6 +131,13 @@ DATABASE_URL = env_str("DATABASE_URL")
 if DATABASE_URL:
     DATABASES = {"default": dj_database_url.parse(DATABASE_URL, conn_max_age=env_int("DATABASE_CONN_MAX_AGE", 60))}
 else:
+    if not DEBUG:
+        # SQLite is the local demo's database: one machine, no append-only audit protection against
+        # whoever can write the file, no concurrent writers at a hospital's scale.
+        raise ImproperlyConfigured(
+            "DEBUG is off (production) but DATABASE_URL is not set: production runs on PostgreSQL "
+            "(DATABASE_URL=postgres://...). SQLite is for the local demo only (DEBUG=true)."
+        )
     DATA_DIR.mkdir(parents=True, exist_ok=True)
     DATABASES = {
         "default": {
@@ -253,8 +262,14 @@ WEBHOOK_SWEEP_AFTER_SECONDS = env_int("WEBHOOK_SWEEP_AFTER_SECONDS", 120)
 
 # Secrets stored in the database (webhook signing secrets) are encrypted with this key (Fernet,
 # 32 url-safe base64 bytes: `python -c "from cryptography.fernet import Fernet as F; print(F.generate_key())"`).
-# Kept outside the database: FIELD_ENCRYPTION_KEY_FILE. Under DEBUG a key derived from SECRET_KEY is used.
+# Kept outside the database: FIELD_ENCRYPTION_KEY_FILE; several, comma-separated, rotate it (the
+# first encrypts). Required off DEBUG; under DEBUG a key derived from SECRET_KEY is used.
 FIELD_ENCRYPTION_KEY = env_str("FIELD_ENCRYPTION_KEY")
+if not FIELD_ENCRYPTION_KEY:
+    if not DEBUG:
+        raise ImproperlyConfigured("FIELD_ENCRYPTION_KEY (or FIELD_ENCRYPTION_KEY_FILE) is required when DEBUG is off")
+    _derived = hashlib.sha256(b"cloudiopsy field encryption v1:" + SECRET_KEY.encode()).digest()
+    FIELD_ENCRYPTION_KEY = base64.urlsafe_b64encode(_derived).decode()
 
 # The audit chain is keyed (HMAC-SHA256) with a key kept outside the database, so that whoever can
 # write the audit table cannot rewrite the chain. Required off DEBUG: AUDIT_HMAC_KEY_FILE.
@@ -263,6 +278,11 @@ if not AUDIT_HMAC_KEY:
     if not DEBUG:
         raise ImproperlyConfigured("AUDIT_HMAC_KEY (or AUDIT_HMAC_KEY_FILE) is required when DEBUG is off")
     AUDIT_HMAC_KEY = "insecure-local-development-audit-key"
+
+# Hourly, the chain's last event (id, hash, count) is logged as "AUDIT_ANCHOR {...}" and, when set,
+# written to this folder: keep it (or ship the log) off the database server so that `verify_audit
+# --anchor` can tell if events were cut from the end.
+AUDIT_ANCHOR_DIR = env_str("AUDIT_ANCHOR_DIR")
 
 # Behind a reverse proxy: the client address comes from this header (e.g. X-Forwarded-For), taking
 # the address TRUSTED_PROXY_COUNT hops from the right; without it, REMOTE_ADDR is used as is.
@@ -307,6 +327,7 @@ CELERY_BEAT_SCHEDULE = {
     },
     "purge-idempotency-keys": {"task": "accounts.tasks.idempotency_purge", "schedule": 3600.0},
     "sweep-webhook-deliveries": {"task": "webhooks.tasks.webhook_sweep", "schedule": 60.0},
+    "anchor-audit-trail": {"task": "audit.tasks.audit_anchor_write", "schedule": 3600.0},
 }
 # Webhook deliveries wait on other hospitals' servers: their own queue, so that a slow receiver
 # never holds up analysis. A worker started without -Q consumes both queues.
@@ -376,7 +397,8 @@ SECURE_SSL_REDIRECT = env_bool("SECURE_SSL_REDIRECT", not DEBUG)
 SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
 SECURE_HSTS_SECONDS = env_int("SECURE_HSTS_SECONDS", 0 if DEBUG else 31_536_000)
 SECURE_HSTS_INCLUDE_SUBDOMAINS = env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", True)
-SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", False)
+# The preload flag only asks; a domain is preloaded only if its owner submits it to hstspreload.org.
+SECURE_HSTS_PRELOAD = env_bool("SECURE_HSTS_PRELOAD", not DEBUG)
 if env_bool("BEHIND_TLS_PROXY", False):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 SECURE_REFERRER_POLICY = "same-origin"

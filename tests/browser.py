@@ -81,6 +81,6 @@ def login(driver, base_url: str, username: str, password: str = "not-a-real-pass
     if "/account/two-factor/" in driver.current_url:
         device = TOTPDevice.objects.get(user__username=username, confirmed=True)
         driver.find_element(By.ID, "id_code").send_keys(totp_code(device))
-        driver.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+        driver.find_element(By.CSS_SELECTOR, "#two-factor-form button[type=submit]").click()
         while "/account/two-factor/" in driver.current_url and time.monotonic() < deadline:
             time.sleep(0.1)

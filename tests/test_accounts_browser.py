@@ -43,7 +43,7 @@ def test_pathologist_enrols_with_the_qr_page_then_needs_the_code(browser, live_s
     wait_text(browser, "h1", "Set up two-factor authentication")
 
     browser.find_element(By.ID, "id_code").send_keys(_code_from_secret(secret))
-    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    browser.find_element(By.CSS_SELECTOR, "#enrol-form button[type=submit]").click()
     wait_text(browser, "h1", "Your recovery codes")
     assert len(browser.find_elements(By.CSS_SELECTOR, "#recovery-codes li")) == 10
     browser.find_element(By.ID, "recovery-continue").click()
@@ -54,12 +54,12 @@ def test_pathologist_enrols_with_the_qr_page_then_needs_the_code(browser, live_s
     _password_step(browser, live_server.url, "dr-mfa")
     wait_text(browser, "h1", "Two-factor authentication")
     browser.find_element(By.ID, "id_code").send_keys("000000")
-    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    browser.find_element(By.CSS_SELECTOR, "#two-factor-form button[type=submit]").click()
     wait_text(browser, "#two-factor-error", "not right")
     time.sleep(1.2)  # the throttle after a wrong code
     # The code of the current step was used at enrolment; the next step's is accepted (one step of drift).
     browser.find_element(By.ID, "id_code").send_keys(_code_from_secret(secret, steps_ahead=1))
-    browser.find_element(By.CSS_SELECTOR, "button[type=submit]").click()
+    browser.find_element(By.CSS_SELECTOR, "#two-factor-form button[type=submit]").click()
     wait_text(browser, "h1", "Cases")
 
 

@@ -1,17 +1,31 @@
-from django.core.management.base import BaseCommand
+import json
+from pathlib import Path
 
-from audit.models import AuditEvent
+from django.core.management.base import BaseCommand, CommandError
+
+from audit.services import audit_anchor
 
 
 class Command(BaseCommand):
     help = (
-        "Print the latest audit event's id, time and hash. Keep these lines off-site (printed, e-mailed, "
-        "in another system): a later verify_audit plus a matching anchor proves nothing before it changed."
+        "Print the audit trail's anchor as one line of JSON: the latest event's id and hash, the number of "
+        "events up to it, its time and the key fingerprint. Keep it outside the database (a log shipped "
+        "elsewhere, another system, paper): `verify_audit --anchor FILE` then proves that no event up to it "
+        "was changed or removed, including from the end of the trail, which the chain alone cannot show."
     )
 
+    def add_arguments(self, parser):
+        parser.add_argument("--out", metavar="FILE", help="also write the anchor to FILE (replacing it)")
+
     def handle(self, *args, **options):
-        last = AuditEvent.objects.order_by("-id").first()
-        if last is None:
-            self.stdout.write("no audit events yet")
+        anchor = audit_anchor()
+        if anchor is None:
+            self.stdout.write("no audit events yet: nothing to anchor")
             return
-        self.stdout.write(f"AUDIT_ANCHOR id={last.pk} time={last.created_at.isoformat()} hash={last.hash}")
+        line = json.dumps(anchor, sort_keys=True)
+        if options["out"]:
+            try:
+                Path(options["out"]).write_text(line + "\n")
+            except OSError as error:
+                raise CommandError(f"cannot write the anchor to {options['out']}: {error.strerror}") from None
+        self.stdout.write(line)
