@@ -30,6 +30,25 @@ def redis_answers(url: str) -> bool:
         return False
 
 
+def demo_refusal(env: dict[str, str]) -> str:
+    """Why this environment is not the local demo's (empty if it is): make run migrates and seeds
+    demo users into the database it is given, with DEBUG on."""
+    if env.get("DEBUG", "").lower() in {"0", "false", "no", "off"}:
+        return (
+            "DEBUG=false is a production setting; make run is the local demo (DEBUG on). "
+            "For production see README.md, 'Production'."
+        )
+    database = env.get("DATABASE_URL", "")
+    if database and env.get("DEMO_DATABASE", "").lower() not in {"1", "true", "yes"}:
+        where = urlparse(database)
+        return (
+            f"DATABASE_URL points at {where.hostname or 'a server'}/{where.path.lstrip('/')}: make run would "
+            "migrate it and add demo users and a demo model there. Unset DATABASE_URL for the demo's own "
+            "SQLite database, or say that this database is a demo one with DEMO_DATABASE=true."
+        )
+    return ""
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--host", default=os.environ.get("HOST", "127.0.0.1"))
@@ -37,6 +56,10 @@ def main() -> int:
     args = parser.parse_args()
 
     env = dict(os.environ)
+    refusal = demo_refusal(env)
+    if refusal:
+        print(f"make run: {refusal}", file=sys.stderr)
+        return 2
     env.setdefault("DEBUG", "true")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if not env.get("CELERY_BROKER_URL"):
