@@ -43,21 +43,3 @@ class HasScope(BasePermission):
         self.message = f"This token lacks the {', '.join(repr(str(scope)) for scope in missing)} scope."
         return False
 
-
-class InstitutionScopedAdmin:
-    """Django-admin mixin: staff who are not superusers see only their own institution's rows.
-
-    ``institution_lookup`` names the path from the model to its institution id. Superusers
-    (platform operators) see everything.
-    """
-
-    institution_lookup = "institution_id"
-
-    def get_queryset(self, request):
-        queryset = super().get_queryset(request)
-        if request.user.is_superuser:
-            return queryset
-        institution = getattr(request.user, "institution_id", None)
-        if institution is None:
-            return queryset.none()
-        return queryset.filter(**{self.institution_lookup: institution})

@@ -1,12 +1,11 @@
 from django.contrib import admin
 
-from accounts.permissions import InstitutionScopedAdmin
 from audit.models import AuditEvent
-from inference.admin import ReadOnlyAdmin
+from cloudiopsy.admin_tenancy import TenantReadOnlyAdmin
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(InstitutionScopedAdmin, ReadOnlyAdmin):
+class AuditEventAdmin(TenantReadOnlyAdmin):
     """Browse and filter the trail. Nothing here can change it (and the database refuses to)."""
 
     list_display = [

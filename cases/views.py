@@ -19,8 +19,8 @@ from PIL import Image
 from accounts.models import User
 from accounts.permissions import institution_of
 from audit.services import case_history, patient_read
-from cases.forms import CaseForm
-from cases.models import BiopsyCase, Review, SignOut, TissuePatch
+from cases.forms import CaseForm, PatientLookupForm
+from cases.models import BiopsyCase, Patient, Review, SignOut, TissuePatch
 from cases.review import (
     NotAllowed,
     addendum_add,
@@ -72,12 +72,29 @@ def case_list(request):
     )
 
 
+def _patient_lookup(request):
+    """The "Look up" step of the new-case form: the patient with exactly this MRN in the user's
+    institution, shown (and its reading audited), or word that there is none. Nothing is created;
+    what was typed in the other fields is kept."""
+    lookup = PatientLookupForm(request.POST)
+    typed = {name: request.POST[name] for name in CaseForm.base_fields if name in request.POST}
+    context = {"form": CaseForm(initial=typed), "lookup": lookup, "found": None, "looked_up": False}
+    if lookup.is_valid():
+        found = patients_visible_to(principal=request.user).filter(mrn=lookup.cleaned_data["patient_mrn"]).first()
+        if found is not None:
+            patient_read(principal=request.user, patients=[found], via="case_form_lookup", request=request)
+        context.update(found=found, looked_up=True)
+    return render(request, "cases/case_form.html", context, status=200 if lookup.is_valid() else 400)
+
+
 @login_required
 def case_create_view(request):
     institution = institution_of(request.user)
     if institution is None:
         messages.error(request, "Your account belongs to no institution; ask an administrator.")
         return redirect("cases:list")
+    if request.method == "POST" and "lookup" in request.POST:
+        return _patient_lookup(request)
     form = CaseForm(request.POST or None)
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
@@ -89,7 +106,7 @@ def case_create_view(request):
                     mrn=data["patient_mrn"].strip(),
                     name=data["patient_name"].strip(),
                     birth_date=data["patient_birth_date"],
-                    sex=data["patient_sex"],
+                    sex=data["patient_sex"] or Patient.Sex.UNKNOWN,
                 ),
                 accession=data["accession"],
                 specimen_site=data["specimen_site"],
@@ -101,10 +118,8 @@ def case_create_view(request):
         else:
             messages.success(request, f"Case {case.accession} created. Upload its tissue patches below.")
             return redirect("cases:detail", pk=case.pk)
-    patients = patients_visible_to(principal=request.user).order_by("mrn")[:500]
-    return render(
-        request, "cases/case_form.html", {"form": form, "patients": patients}, status=400 if form.errors else 200
-    )
+    # No list of the institution's patients: an existing patient is found by exact MRN only.
+    return render(request, "cases/case_form.html", {"form": form}, status=400 if form.errors else 200)
 
 
 @login_required

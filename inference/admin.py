@@ -11,7 +11,7 @@ from django.urls import path, reverse
 from django.utils.html import format_html, format_html_join
 
 from accounts.models import Institution
-from accounts.permissions import InstitutionScopedAdmin
+from cloudiopsy.admin_tenancy import TenantReadOnlyAdmin, TenantReadOnlyTabularInline, is_operator, scope
 from inference.core import evaluation
 from inference.core.card import model_card
 from inference.models import ModelActivation, ModelVersion, Prediction, SiteValidation, WorkerHeartbeat
@@ -24,20 +24,18 @@ from inference.sites import (
 )
 
 
-class ModelActivationInline(admin.TabularInline):
+class ModelActivationInline(TenantReadOnlyTabularInline):
     model = ModelActivation
     fk_name = "model_version"
     fields = ["created_at", "actor", "previous", "reason"]
-    readonly_fields = fields
-    extra = 0
-    can_delete = False
-
-    def has_add_permission(self, request, obj=None) -> bool:
-        return False
 
 
 @admin.register(ModelVersion)
-class ModelVersionAdmin(admin.ModelAdmin):
+class ModelVersionAdmin(TenantReadOnlyAdmin):
+    """Model versions are the same for every institution: registered and activated by operators
+    with `register_model` / `activate_model` (files verified, site validations checked, the switch
+    recorded); here they are read, by institution administrators too."""
+
     list_display = ["name", "version", "is_active", "input_size", "created_at", "activated_at"]
     list_filter = ["is_active"]
     readonly_fields = [
@@ -57,6 +55,7 @@ class ModelVersionAdmin(admin.ModelAdmin):
     ]
     exclude = ["metadata"]
     inlines = [ModelActivationInline]
+    institution_field = None
 
     @admin.display(description="model card")
     def model_card(self, obj):
@@ -66,44 +65,27 @@ class ModelVersionAdmin(admin.ModelAdmin):
     def metadata_pretty(self, obj):
         return format_html("<pre>{}</pre>", json.dumps(obj.metadata, indent=2))
 
-    def has_add_permission(self, request) -> bool:
-        return False  # register_model / activate_model verify the files and record who activated
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False  # predictions point at it
-
-
-class ReadOnlyAdmin(admin.ModelAdmin):
-    """Records nobody edits by hand: they are written by the platform and kept as they are."""
-
-    def has_add_permission(self, request) -> bool:
-        return False
-
-    def has_change_permission(self, request, obj=None) -> bool:
-        return False
-
-    def has_delete_permission(self, request, obj=None) -> bool:
-        return False
-
 
 @admin.register(Prediction)
-class PredictionAdmin(InstitutionScopedAdmin, ReadOnlyAdmin):
+class PredictionAdmin(TenantReadOnlyAdmin):
     """A prediction is the AI's record and is never edited."""
-
-    institution_lookup = "patch__case__institution_id"
 
     list_display = ["patch", "label", "needs_attention", "model_version", "created_at"]
     list_filter = ["model_version", "label", "needs_attention"]
 
 
 @admin.register(WorkerHeartbeat)
-class WorkerHeartbeatAdmin(admin.ModelAdmin):
+class WorkerHeartbeatAdmin(TenantReadOnlyAdmin):
+    """Written by the workers (for /healthz); platform infrastructure, for operators only
+    (not in TENANT_PATHS)."""
+
     list_display = ["hostname", "last_seen", "started_at"]
 
 
 @admin.register(ModelActivation)
-class ModelActivationAdmin(ReadOnlyAdmin):
-    """History of which model was active when, and who switched it."""
+class ModelActivationAdmin(TenantReadOnlyAdmin):
+    """History of which model was active when, and who switched it (platform-wide: every
+    institution's results depend on it, so their administrators may read it)."""
 
     list_display = ["created_at", "model_version", "previous", "actor", "reason"]
 
@@ -144,7 +126,7 @@ def _verdict(validation: SiteValidation) -> str:
 
 
 @admin.register(SiteValidation)
-class SiteValidationAdmin(InstitutionScopedAdmin, ReadOnlyAdmin):
+class SiteValidationAdmin(TenantReadOnlyAdmin):
     """A model measured on one institution's own tissue, and the threshold chosen there. Written by
     ``validate_site`` or the "Validate on reviewed patches" page, never edited."""
 
@@ -282,12 +264,10 @@ class SiteValidationAdmin(InstitutionScopedAdmin, ReadOnlyAdmin):
         return response
 
     def _institutions(self, request):
-        if request.user.is_superuser:
-            return Institution.objects.all()
-        return Institution.objects.filter(pk=getattr(request.user, "institution_id", None))
+        return scope(Institution.objects.all(), user=request.user)
 
     def can_validate(self, request) -> bool:
-        return request.user.is_superuser or (
+        return is_operator(request.user) or (
             request.user.has_perm("inference.add_sitevalidation") and self._institutions(request).exists()
         )
 

@@ -43,13 +43,18 @@ def browser(tmp_path):
 
 def texts(driver, css: str) -> list[str]:
     """Texts of the matching elements, read again if the page refreshed under us."""
-    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.by import By
 
     for _ in range(10):
         try:
             return [e.text for e in driver.find_elements(By.CSS_SELECTOR, css)]
         except StaleElementReferenceException:
+            time.sleep(0.2)
+        except WebDriverException as error:
+            # Chromium 156 reports a node replaced by a navigation this way instead of as stale.
+            if "does not belong to the document" not in str(error):
+                raise
             time.sleep(0.2)
     raise AssertionError(f"{css} kept going stale")
 

@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import pytest
+from django.contrib.auth.models import Group
 from django.core.management import CommandError, call_command
 from django.utils import timezone
 
 from accounts.models import Institution, LabSystem, User
+from cloudiopsy.admin_tenancy import INSTITUTION_ADMIN_GROUP, INSTITUTION_ADMIN_PERMISSIONS
 from inference.models import ModelVersion, WorkerHeartbeat
 from tests.conftest import DEMO_MODEL_NAME, ROOT, unavailable
 
@@ -24,24 +26,81 @@ def test_seed_demo_is_idempotent_and_prints_passwords():
     call_command("seed_demo", stdout=io.StringIO())
     assert Institution.objects.filter(slug="demo").count() == 1
     users = {u.username: u for u in User.objects.all()}
+    assert set(users) == {"clinician", "pathologist", "admin", "operator"}
     assert {u.role for u in users.values()} == {"clinician", "pathologist", "admin"}
-    assert all(u.institution.slug == "demo" for u in users.values())
-    assert users["admin"].is_staff and not users["clinician"].is_staff
+    assert all(users[name].institution.slug == "demo" for name in ("clinician", "pathologist", "admin"))
+    assert not users["clinician"].is_staff and not users["pathologist"].is_staff
     assert users["pathologist"].check_password("pathologist-demo-pass")
-    assert "'pathologist-demo-pass'" in out.getvalue()
+    # The hospital's administrator is staff of the demo institution, not a superuser...
+    admin = users["admin"]
+    assert admin.is_staff and not admin.is_superuser and admin.role == "admin"
+    assert [g.name for g in admin.groups.all()] == [INSTITUTION_ADMIN_GROUP]
+    # ...the platform operator is a superuser of no institution.
+    operator = users["operator"]
+    assert operator.is_superuser and operator.is_staff and operator.institution is None
+    assert operator.check_password("operator-demo-pass")
+    text = out.getvalue()
+    assert "'pathologist-demo-pass'" in text and "'operator-demo-pass'" in text and "Platform operator" in text
     active = ModelVersion.objects.get(is_active=True)
     assert ModelVersion.objects.count() == 1 and active.classes[-1] == "TUM"
+
+
+def test_seed_demo_gives_institution_administrators_only_the_listed_permissions():
+    call_command("seed_demo", stdout=io.StringIO())
+    group = Group.objects.get(name=INSTITUTION_ADMIN_GROUP)
+    granted = {f"{p.content_type.app_label}.{p.codename}" for p in group.permissions.select_related("content_type")}
+    assert granted == set(INSTITUTION_ADMIN_PERMISSIONS)
+    admin = User.objects.get(username="admin")
+    for refused in (
+        "audit.change_auditevent",
+        "audit.delete_auditevent",
+        "inference.change_prediction",
+        "inference.change_modelversion",
+        "inference.add_modelactivation",
+        "auth.change_group",
+        "accounts.delete_user",
+        "cases.delete_patient",
+        "otp_totp.view_totpdevice",
+    ):
+        assert not admin.has_perm(refused), refused
+
+
+def test_seeded_institution_admin_sees_only_the_demo_institution_in_the_admin(client):
+    from cases.models import Patient
+    from tests.conftest import verified_login
+
+    call_command("seed_demo", stdout=io.StringIO())
+    demo = Institution.objects.get(slug="demo")
+    other = Institution.objects.create(name="Elsewhere", slug="elsewhere")
+    Patient.objects.create(institution=demo, mrn="D-1", name="Demo Person")
+    Patient.objects.create(institution=other, mrn="E-1", name="Elsewhere Person")
+    verified_login(client, User.objects.get(username="admin"))
+    patients = client.get("/admin/cases/patient/").content.decode()
+    assert "Demo Person" in patients and "Elsewhere Person" not in patients
+    assert client.get("/admin/audit/auditevent/").status_code == 200
+    assert client.get("/admin/auth/group/").status_code == 403
+    verified_login(client, User.objects.get(username="operator"))
+    patients = client.get("/admin/cases/patient/").content.decode()
+    assert "Demo Person" in patients and "Elsewhere Person" in patients
 
 
 def test_seed_demo_never_changes_an_existing_user():
     call_command("seed_demo", stdout=io.StringIO())
     admin = User.objects.get(username="admin")
     admin.set_password("a-changed-long-passphrase")
-    admin.is_superuser = False
+    admin.is_staff = False
     admin.save()
-    call_command("seed_demo", stdout=io.StringIO(), stderr=io.StringIO())
+    admin.groups.clear()
+    operator = User.objects.get(username="operator")
+    operator.is_superuser = False
+    operator.save()
+    out = io.StringIO()
+    call_command("seed_demo", stdout=out, stderr=io.StringIO())
     admin.refresh_from_db()
-    assert admin.check_password("a-changed-long-passphrase") and not admin.is_superuser
+    operator.refresh_from_db()
+    assert admin.check_password("a-changed-long-passphrase") and not admin.is_staff and not admin.groups.exists()
+    assert not operator.is_superuser
+    assert "'admin-demo-pass'" not in out.getvalue() and "exists already" in out.getvalue()
 
 
 def test_create_lab_token_prints_a_working_key_once(client):
@@ -115,3 +174,29 @@ def test_healthz_reports_unreachable_broker(client, settings):
     body = response.json()
     assert body["broker"]["ok"] is False and body["broker"]["error"]
     assert body["status"] == "unavailable"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"DATABASE_URL": "postgres://postgres@127.0.0.1:5432/hospital"}, "127.0.0.1/hospital"),
+        ({"DEBUG": "false"}, "production setting"),
+    ],
+)
+def test_make_run_refuses_a_database_or_settings_that_are_not_the_demo(tmp_path, env, message):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    base = {k: v for k, v in os.environ.items() if k not in {"DATABASE_URL", "DEBUG"}}
+    result = subprocess.run(
+        [sys.executable, "scripts/run_platform.py"],
+        cwd=ROOT,
+        env={**base, "DATA_DIR": str(tmp_path / "var"), **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and message in result.stderr
+    assert not (tmp_path / "var").exists()  # nothing migrated, seeded or started
