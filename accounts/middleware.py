@@ -14,6 +14,7 @@ from django.urls import reverse
 from accounts.mfa import mfa_passed, mfa_required
 
 LAST_ACTIVITY_SESSION_KEY = "cloudiopsy_last_activity"
+SIGNED_IN_AT_SESSION_KEY = "cloudiopsy_signed_in_at"
 # The last-activity stamp is rewritten at most this often: not one session write per request.
 _ACTIVITY_RESOLUTION_SECONDS = 30
 
@@ -42,25 +43,39 @@ class IdleTimeoutMiddleware:
             last = request.session.get(LAST_ACTIVITY_SESSION_KEY)
             if last is not None and now - last > settings.SESSION_IDLE_TIMEOUT:
                 return self._expire(request, user, idle_seconds=now - last)
+            # Activity keeps a session alive, but not past SESSION_COOKIE_AGE after sign-in (Django
+            # alone would push the expiry on with every save of the session).
+            started = request.session.setdefault(SIGNED_IN_AT_SESSION_KEY, now)
+            if now - started > settings.SESSION_COOKIE_AGE:
+                return self._expire(request, user, idle_seconds=now - (last or started), lifetime_over=True)
             # A page's own automatic refresh (?refresh=auto, while analysis runs) is not a person's activity.
             active = request.GET.get("refresh") != "auto"
             if active and (last is None or now - last >= _ACTIVITY_RESOLUTION_SECONDS):
                 request.session[LAST_ACTIVITY_SESSION_KEY] = now
         return self.get_response(request)
 
-    def _expire(self, request, user, *, idle_seconds: int):
+    def _expire(self, request, user, *, idle_seconds: int, lifetime_over: bool = False):
         from audit.services import audit_record
 
+        limit = settings.SESSION_COOKIE_AGE if lifetime_over else settings.SESSION_IDLE_TIMEOUT
         audit_record(
             actor=user,
             action="auth.session_expired",
             target=user,
-            after={"idle_seconds": idle_seconds, "limit_seconds": settings.SESSION_IDLE_TIMEOUT},
+            after={
+                "idle_seconds": idle_seconds,
+                "limit_seconds": limit,
+                "why": "lifetime" if lifetime_over else "idle",
+            },
             request=request,
         )
         logout(request)
-        minutes = max(1, settings.SESSION_IDLE_TIMEOUT // 60)
-        detail = f"You were signed out after {minutes} minutes without activity. Please sign in again."
+        if lifetime_over:
+            hours = max(1, settings.SESSION_COOKIE_AGE // 3600)
+            detail = f"Your session ended {hours} hours after you signed in. Please sign in again."
+        else:
+            minutes = max(1, settings.SESSION_IDLE_TIMEOUT // 60)
+            detail = f"You were signed out after {minutes} minutes without activity. Please sign in again."
         if request.path.startswith("/api/"):
             return _api_problem(401, detail)
         messages.info(request, detail)

@@ -42,4 +42,3 @@ class HasScope(BasePermission):
             return True
         self.message = f"This token lacks the {', '.join(repr(str(scope)) for scope in missing)} scope."
         return False
-

@@ -267,3 +267,17 @@ def test_failed_token_authentications_are_audited_without_the_key(institution):
     api.get("/api/v1/cases/")
     latest = AuditEvent.objects.filter(action="auth.token_failed").order_by("-id").first()
     assert latest.after["why"] == "unknown" and latest.after["earlier_unrecorded"] == 2
+
+
+@pytest.mark.django_db
+def test_activity_does_not_keep_a_session_past_its_lifetime(client, clinician, settings):
+    from accounts.middleware import SIGNED_IN_AT_SESSION_KEY
+
+    _login(client, clinician.username)
+    assert client.get("/cases/").status_code == 200
+    session = client.session
+    session[SIGNED_IN_AT_SESSION_KEY] = int(time.time()) - settings.SESSION_COOKIE_AGE - 1
+    session.save()
+    response = client.get("/cases/", follow=True)  # active a second ago, but signed in 8 hours ago
+    assert b"8 hours after you signed in" in response.content
+    assert AuditEvent.objects.get(action="auth.session_expired").after["why"] == "lifetime"
