@@ -168,6 +168,16 @@ def demo_model(db):
     return version
 
 
+@pytest.fixture
+def eager_celery():
+    """Tasks run in the calling process (for tests of what a task does, not of the worker)."""
+    from cloudiopsy.celery import app
+
+    app.conf.task_always_eager = True
+    yield
+    app.conf.task_always_eager = False
+
+
 CASE_PAYLOAD = {
     "patient": {"mrn": "MRN-001", "name": "Ada Example", "birth_date": "1961-03-04", "sex": "female"},
     "accession": "S26-0001",

@@ -22,6 +22,12 @@ def _login(client, username, password=PASSWORD, **extra):
     return client.post("/login/", {"username": username, "password": password}, **extra)
 
 
+def _session_stamp(client, key: str, seconds_ago: int) -> None:
+    session = client.session
+    session[key] = int(time.time()) - seconds_ago
+    session.save()
+
+
 @pytest.mark.django_db
 def test_eleventh_wrong_password_locks_the_account_and_a_right_one_is_then_refused(client, clinician, settings):
     for attempt in range(settings.LOGIN_FAILURE_LIMIT):
@@ -185,9 +191,7 @@ def test_next_is_not_an_open_redirect(client, pathologist):
 def test_idle_session_is_signed_out_with_a_message_and_audited(client, clinician, settings):
     _login(client, clinician.username)
     assert client.get("/cases/").status_code == 200
-    session = client.session
-    session[LAST_ACTIVITY_SESSION_KEY] = int(time.time()) - settings.SESSION_IDLE_TIMEOUT - 5
-    session.save()
+    _session_stamp(client, LAST_ACTIVITY_SESSION_KEY, settings.SESSION_IDLE_TIMEOUT + 5)
 
     response = client.get("/cases/", follow=True)
     assert response.redirect_chain[0][0].startswith("/login/?next=")
@@ -201,15 +205,11 @@ def test_idle_session_is_signed_out_with_a_message_and_audited(client, clinician
 def test_activity_keeps_the_session_and_api_sessions_expire_as_problems(client, clinician, settings):
     _login(client, clinician.username)
     client.get("/cases/")
-    session = client.session
-    session[LAST_ACTIVITY_SESSION_KEY] = int(time.time()) - settings.SESSION_IDLE_TIMEOUT + 60
-    session.save()
+    _session_stamp(client, LAST_ACTIVITY_SESSION_KEY, settings.SESSION_IDLE_TIMEOUT - 60)
     assert client.get("/account/keepalive/").status_code == 204  # activity within the limit
     assert client.session[LAST_ACTIVITY_SESSION_KEY] >= int(time.time()) - 2
 
-    session = client.session
-    session[LAST_ACTIVITY_SESSION_KEY] = int(time.time()) - settings.SESSION_IDLE_TIMEOUT - 1
-    session.save()
+    _session_stamp(client, LAST_ACTIVITY_SESSION_KEY, settings.SESSION_IDLE_TIMEOUT + 1)
     response = client.get("/api/v1/cases/")
     assert response.status_code == 401 and "without activity" in response.json()["detail"]
 
@@ -275,9 +275,7 @@ def test_activity_does_not_keep_a_session_past_its_lifetime(client, clinician, s
 
     _login(client, clinician.username)
     assert client.get("/cases/").status_code == 200
-    session = client.session
-    session[SIGNED_IN_AT_SESSION_KEY] = int(time.time()) - settings.SESSION_COOKIE_AGE - 1
-    session.save()
+    _session_stamp(client, SIGNED_IN_AT_SESSION_KEY, settings.SESSION_COOKIE_AGE + 1)
     response = client.get("/cases/", follow=True)  # active a second ago, but signed in 8 hours ago
     assert b"8 hours after you signed in" in response.content
     assert AuditEvent.objects.get(action="auth.session_expired").after["why"] == "lifetime"

@@ -46,15 +46,6 @@ def _settings(settings):
 
 
 @pytest.fixture
-def eager_celery():
-    from cloudiopsy.celery import app
-
-    app.conf.task_always_eager = True
-    yield
-    app.conf.task_always_eager = False
-
-
-@pytest.fixture
 def receiver():
     started = []
 

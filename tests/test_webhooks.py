@@ -69,15 +69,6 @@ class Receiver:
 
 
 @pytest.fixture
-def eager_celery():
-    from cloudiopsy.celery import app
-
-    app.conf.task_always_eager = True
-    yield
-    app.conf.task_always_eager = False
-
-
-@pytest.fixture
 def receiver():
     started = []
 
