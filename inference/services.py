@@ -55,7 +55,7 @@ def model_load_active() -> tuple[ModelVersion, Predictor]:
     with _models_lock:
         loaded = _models.get(version.pk)
         if loaded is None:
-            loaded = core.Predictor(version.directory)
+            loaded = core.Predictor(version.directory, num_threads=settings.INFERENCE_THREADS or None)
             if loaded.file_sha256 != version.file_sha256:
                 raise ModelUnavailable(
                     f"{version}: model file hash {loaded.file_sha256} differs from the registered "
