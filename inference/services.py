@@ -21,7 +21,7 @@ from django.db.models import F
 from django.utils import timezone
 
 from audit.models import AuditEvent
-from audit.services import WORKER, Actor, audit_record
+from audit.services import WORKER, Actor, audit_record, audit_record_many
 from cases.models import BiopsyCase, TissuePatch
 from inference import core
 from inference.core import pipeline
@@ -285,9 +285,12 @@ def prediction_run(*, patch_ids: list[int]) -> dict[str, int]:
         # 0 rows updated: already analysed, or another worker claimed them first.
         return {"claimed": 0}
     patches = list(TissuePatch.objects.filter(claim_token=token).select_related("case").order_by("id"))
-    with transaction.atomic():
-        for patch in patches:
-            _audit_status(patch, TissuePatch.Status.QUEUED, TissuePatch.Status.RUNNING, attempt=patch.attempts)
+    audit_record_many(
+        [
+            _status_event(patch, TissuePatch.Status.QUEUED, TissuePatch.Status.RUNNING, attempt=patch.attempts)
+            for patch in patches
+        ]
+    )
     counts: dict[str, int] = {"claimed": len(patches)}
     size = max(1, settings.INFERENCE_BATCH_SIZE)
     for start in range(0, len(patches), size):
@@ -306,16 +309,17 @@ def input_stats(measures: dict[str, float]) -> dict[str, float]:
     return {key: round(float(measures[key]), 5) for key in INPUT_STATS if key in measures}
 
 
-def _audit_status(patch: TissuePatch, before: str, after: str, reason: str = "", **extra) -> None:
-    audit_record(
-        actor=WORKER,
-        action="patch.status",
-        target=patch,
-        institution_id=patch.case.institution_id,
-        before={"status": before},
-        after={"status": after, **extra},
-        reason=reason,
-    )
+def _status_event(patch: TissuePatch, before: str, after: str, reason: str = "", **extra) -> dict:
+    """A patch's status change, as ``audit_record_many`` takes it."""
+    return {
+        "actor": WORKER,
+        "action": "patch.status",
+        "target": patch,
+        "institution_id": patch.case.institution_id,
+        "before": {"status": before},
+        "after": {"status": after, **extra},
+        "reason": reason,
+    }
 
 
 def _analyse(patches: list[TissuePatch], predictor: Predictor) -> list[tuple[TissuePatch, PatchOutcome]]:
@@ -331,67 +335,122 @@ def _analyse(patches: list[TissuePatch], predictor: Predictor) -> list[tuple[Tis
 
 
 def _store(outcomes: list[tuple[TissuePatch, PatchOutcome]], version: ModelVersion, token: uuid.UUID) -> None:
+    """Write one batch's results in a constant number of queries: the predictions in one insert,
+    the patches' new statuses in one update each way, every fact's audit event in one append."""
     case_ids = sorted({patch.case_id for patch, _ in outcomes})
     # One operating point per institution in the batch: its validated threshold, or the model's default.
     points = {
         institution_id: operating_point(institution_id=institution_id, model_version=version)
         for institution_id in sorted({patch.case.institution_id for patch, _ in outcomes})
     }
+    analysed = [(patch, outcome) for patch, outcome in outcomes if outcome.prediction is not None]
+    refused = [(patch, outcome) for patch, outcome in outcomes if outcome.prediction is None]
     with transaction.atomic():
         # Lock the cases so that two workers finishing a case's last patches cannot both miss
         # the moment every patch has a result.
         list(BiopsyCase.objects.select_for_update().filter(pk__in=case_ids).order_by("pk"))
-        for patch, outcome in outcomes:
-            if outcome.prediction is None:
-                if TissuePatch.objects.filter(pk=patch.pk, claim_token=token).update(
-                    status=outcome.status, failure_reason=outcome.reason, failure_code=outcome.reason_code
-                ):
-                    _audit_status(patch, TissuePatch.Status.RUNNING, outcome.status, outcome.reason)
-                continue
-            try:
-                point = points[patch.case.institution_id]
-                with transaction.atomic():
-                    prediction = Prediction.objects.create(
-                        patch=patch,
-                        model_version=version,
-                        scores=outcome.prediction.scores,
-                        label=outcome.prediction.label,
-                        uncertainty=outcome.prediction.uncertainty,
-                        needs_attention=outcome.prediction.needs_attention,
-                        heatmaps=outcome.prediction.heatmaps,
-                        inference_seconds=outcome.prediction.seconds,
-                        suspected_tumour=point.suspected(outcome.prediction.scores),
-                        tumour_threshold=point.threshold,
-                        site_validation=point.validation,
-                        input_stats=input_stats(outcome.measures),
-                    )
-                    audit_record(
-                        actor=WORKER,
-                        action="prediction.create",
-                        target=prediction,
-                        institution_id=patch.case.institution_id,
-                        after={
-                            "patch": patch.pk,
-                            "model_version": str(version),
-                            "label": prediction.label,
-                            "scores": prediction.scores,
-                            "needs_attention": prediction.needs_attention,
-                            "suspected_tumour": prediction.suspected_tumour,
-                            "tumour_threshold": prediction.tumour_threshold,
-                            "validated_at_site": point.validated,
-                        },
-                    )
-            except IntegrityError:
-                # A worker presumed dead finished this patch meanwhile: its prediction stands.
-                logger.info("patch %s already has a prediction by %s", patch.pk, version)
-            previous = TissuePatch.objects.filter(pk=patch.pk).values_list("status", flat=True).first()
-            if (
-                TissuePatch.objects.filter(pk=patch.pk)
-                .exclude(status=TissuePatch.Status.DONE)
-                .update(status=TissuePatch.Status.DONE, failure_reason="")
-            ):
-                _audit_status(patch, previous, TissuePatch.Status.DONE)
+        # Rows still claimed by this run (the reconciler may have handed a slow one to another worker),
+        # and every analysed patch's status now, for the audit trail's "before".
+        statuses = dict(
+            TissuePatch.objects.filter(pk__in=[patch.pk for patch, _ in outcomes]).values_list("pk", "status")
+        )
+        mine = set(
+            TissuePatch.objects.filter(pk__in=[p.pk for p, _ in refused], claim_token=token).values_list(
+                "pk", flat=True
+            )
+        )
+        events: list[dict] = []
+        failures = [(patch, outcome) for patch, outcome in refused if patch.pk in mine]
+        for patch, outcome in failures:
+            patch.status, patch.failure_reason, patch.failure_code = outcome.status, outcome.reason, outcome.reason_code
+            events.append(_status_event(patch, TissuePatch.Status.RUNNING, outcome.status, outcome.reason))
+        if failures:
+            TissuePatch.objects.bulk_update(
+                [patch for patch, _ in failures], ["status", "failure_reason", "failure_code"]
+            )
+        predictions = _predictions_create(analysed, version, points)
+        for prediction, patch in predictions:
+            point = points[patch.case.institution_id]
+            events.append(
+                {
+                    "actor": WORKER,
+                    "action": "prediction.create",
+                    "target": prediction,
+                    "institution_id": patch.case.institution_id,
+                    "after": {
+                        "patch": patch.pk,
+                        "model_version": str(version),
+                        "label": prediction.label,
+                        "scores": prediction.scores,
+                        "needs_attention": prediction.needs_attention,
+                        "suspected_tumour": prediction.suspected_tumour,
+                        "tumour_threshold": prediction.tumour_threshold,
+                        "validated_at_site": point.validated,
+                    },
+                }
+            )
+        done = [patch for patch, _ in analysed if statuses.get(patch.pk) != TissuePatch.Status.DONE]
+        if done:
+            TissuePatch.objects.filter(pk__in=[patch.pk for patch in done]).update(
+                status=TissuePatch.Status.DONE, failure_reason=""
+            )
+            events += [_status_event(patch, statuses[patch.pk], TissuePatch.Status.DONE) for patch in done]
+        audit_record_many(events)
         case_status_refresh(case_ids=case_ids)
+
+
+def _predictions_create(
+    analysed: list[tuple[TissuePatch, PatchOutcome]], version: ModelVersion, points: dict
+) -> list[tuple[Prediction, TissuePatch]]:
+    """Insert the batch's predictions at once; a patch that has one by this version already (a
+    worker presumed dead finished it meanwhile) keeps it."""
+    existing = set(
+        Prediction.objects.filter(patch_id__in=[patch.pk for patch, _ in analysed], model_version=version).values_list(
+            "patch_id", flat=True
+        )
+    )
+    rows = []
+    for patch, outcome in analysed:
+        if patch.pk in existing:
+            logger.info("patch %s already has a prediction by %s", patch.pk, version)
+            continue
+        point = points[patch.case.institution_id]
+        rows.append(
+            (
+                Prediction(
+                    patch=patch,
+                    model_version=version,
+                    scores=outcome.prediction.scores,
+                    label=outcome.prediction.label,
+                    uncertainty=outcome.prediction.uncertainty,
+                    needs_attention=outcome.prediction.needs_attention,
+                    heatmaps=outcome.prediction.heatmaps,
+                    inference_seconds=outcome.prediction.seconds,
+                    suspected_tumour=point.suspected(outcome.prediction.scores),
+                    tumour_threshold=point.threshold,
+                    site_validation=point.validation,
+                    input_stats=input_stats(outcome.measures),
+                ),
+                patch,
+            )
+        )
+    if not rows:
+        return []
+    try:
+        with transaction.atomic():
+            Prediction.objects.bulk_create([prediction for prediction, _ in rows])
+    except IntegrityError:
+        # Another worker inserted one of them between our check and our insert: one at a time.
+        created = []
+        for prediction, patch in rows:
+            try:
+                with transaction.atomic():
+                    prediction.save()
+                created.append((prediction, patch))
+            except IntegrityError:
+                logger.info("patch %s already has a prediction by %s", patch.pk, version)
+        return created
+    return rows
 
 
 def case_status_refresh(*, case_ids: list[int]) -> None:
@@ -434,11 +493,23 @@ def analysis_reconcile(*, stale_after: timedelta | None = None) -> dict[str, int
             failure_reason=f"analysis did not complete after {MAX_ATTEMPTS} attempts",
             claim_token=None,
         )
-        for patch in exhausted_patches:
-            _audit_status(patch, TissuePatch.Status.RUNNING, TissuePatch.Status.FAILED, "analysis never completed")
         stale = list(running.select_related("case"))
-        for patch in stale:
-            _audit_status(patch, TissuePatch.Status.RUNNING, TissuePatch.Status.QUEUED, "worker lost: re-enqueued")
+        audit_record_many(
+            [
+                *(
+                    _status_event(
+                        patch, TissuePatch.Status.RUNNING, TissuePatch.Status.FAILED, "analysis never completed"
+                    )
+                    for patch in exhausted_patches
+                ),
+                *(
+                    _status_event(
+                        patch, TissuePatch.Status.RUNNING, TissuePatch.Status.QUEUED, "worker lost: re-enqueued"
+                    )
+                    for patch in stale
+                ),
+            ]
+        )
         requeued_running = [p.pk for p in stale]
         TissuePatch.objects.filter(id__in=requeued_running, status=TissuePatch.Status.RUNNING).update(
             status=TissuePatch.Status.QUEUED, claim_token=None, enqueued_at=now

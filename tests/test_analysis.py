@@ -120,7 +120,7 @@ def test_model_is_loaded_once_per_process(case, clinician, demo_model, monkeypat
     services._models.clear()
     loads = []
     real_predictor = services.core.Predictor
-    monkeypatch.setattr(services.core, "Predictor", lambda d: loads.append(d) or real_predictor(d))
+    monkeypatch.setattr(services.core, "Predictor", lambda d, **kw: loads.append(d) or real_predictor(d, **kw))
     for name in ("NORM-TCGA-CWFDHWAH.png", "TUM-TCGA-KECNIDCQ.png"):
         (patch,) = upload(case, clinician, [name])
         services.prediction_run(patch_ids=[patch.pk])
@@ -186,3 +186,27 @@ def test_case_page_shows_prediction(case, clinician, clinician_client, demo_mode
     assert b'<strong class="label">TUM</strong>' in page.content
     image = clinician_client.get(f"/cases/{case.pk}/patches/{patch.pk}/image/")
     assert image.status_code == 200 and image["Content-Type"] == "image/png"
+
+
+def test_a_batch_is_stored_in_the_same_number_of_queries_whatever_its_size(clinician, demo_model, settings):
+    """Claim, predictions, statuses, audit and case refresh per batch, not per patch."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from audit.services import audit_verify
+    from tests.conftest import new_case
+
+    settings.INFERENCE_BATCH_SIZE = 64
+    names = ["NORM-TCGA-CWFDHWAH.png", "TUM-TCGA-KECNIDCQ.png", "TUM-TCGA-NHQGDFVF.png"]
+    services.model_load_active()  # loaded once per process: not part of what is counted
+    counts = []
+    for size in (2, 6):
+        case = new_case(clinician, accession=f"Q{size}", mrn=f"M{size}")
+        patches = upload(case, clinician, [names[i % len(names)] for i in range(size)] + [png_bytes(color=(255,) * 3)])
+        with CaptureQueriesContext(connection) as queries:
+            result = services.prediction_run(patch_ids=[p.pk for p in patches])
+        assert result["done"] == size and result["unassessable"] == 1  # a blank image is refused by quality control
+        counts.append(len(queries))
+    assert counts[0] == counts[1], counts
+    assert Prediction.objects.count() == 8
+    assert audit_verify().bad is None
