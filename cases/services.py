@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import IO
 
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
@@ -12,7 +14,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from accounts.models import Institution, LabSystem, User
-from audit.services import audit_record
+from audit.services import audit_record, audit_record_many
 from cases.models import BiopsyCase, Patient, TissuePatch
 from cases.uploads import UploadRejected, ValidatedImage, validate_image
 
@@ -121,15 +123,18 @@ def patch_upload(
     *,
     case: BiopsyCase,
     uploaded_by: User | LabSystem,
-    files: list[tuple[str, bytes]],
+    files: Iterable[tuple[str, bytes | IO[bytes]]],
     rejected: list[tuple[str, str]] | None = None,
 ) -> UploadResult:
     """Validate every file, store the valid ones and queue them for analysis.
 
-    ``rejected`` lists files the caller already refused (name, reason), reported alongside.
+    ``files`` holds (name, bytes or an open file); each file is read, decoded, checked and written
+    to storage on its own, so a request holds one decoded image at a time. ``rejected`` lists
+    files the caller already refused (name, reason), reported alongside.
 
-    Rows, files and the enqueue succeed or fail together: files written for a transaction that
-    rolls back are removed, and the analysis task is sent only after commit (ids only).
+    The files are written before the transaction, which only inserts the rows (one insert) and
+    their audit events (one append); if it rolls back the files are removed. The analysis task
+    is sent only after commit (ids only).
 
     Raises:
         CaseError: the case is signed out. NoValidImage: no file is valid (nothing is stored).
@@ -137,54 +142,63 @@ def patch_upload(
     if case.status == BiopsyCase.Status.SIGNED_OUT:
         raise CaseError("the case is signed out; patches can no longer be added")
     rejected = list(rejected or [])
-    if not files and not rejected:
-        raise CaseError("no file was uploaded (form field 'image')")
-    valid: list[ValidatedImage] = []
-    for name, data in files:
-        try:
-            valid.append(validate_image(name, data))
-        except UploadRejected as exc:
-            rejected.append((name, str(exc)))
-    if not valid:
-        raise NoValidImage(rejected)
-
-    written: list[str] = []
+    written: list[tuple[ValidatedImage, str]] = []
     try:
+        received = 0
+        for name, data in files:
+            received += 1
+            try:
+                image = validate_image(name, data.read() if hasattr(data, "read") else data)
+            except UploadRejected as exc:
+                rejected.append((name, str(exc)))
+                continue
+            saved_name = default_storage.save(
+                TissuePatch.new_storage_name(case.institution_id), ContentFile(image.stored_bytes)
+            )
+            written.append((image.without_pixels(), saved_name))
+        if not received and not rejected:
+            raise CaseError("no file was uploaded (form field 'image')")
+        if not written:
+            raise NoValidImage(rejected)
         with transaction.atomic():
             case = BiopsyCase.objects.select_for_update().get(pk=case.pk)
             if case.status == BiopsyCase.Status.SIGNED_OUT:
                 raise CaseError("the case is signed out; patches can no longer be added")
             now = timezone.now()
-            patches = []
-            for image in valid:
-                storage_name = TissuePatch.new_storage_name(case.institution_id)
-                saved_name = default_storage.save(storage_name, ContentFile(image.stored_bytes))
-                written.append(saved_name)
-                patch = TissuePatch.objects.create(
-                    case=case,
-                    storage_name=saved_name,
-                    sha256=image.sha256,
-                    source_sha256=image.source_sha256,
-                    width=image.width,
-                    height=image.height,
-                    format=image.format,
-                    original_name=image.original_name,
-                    enqueued_at=now,
-                    **_actor_fields(uploaded_by, "uploaded_by", "uploaded_by_lab"),
-                )
-                patches.append(patch)
-                audit_record(
-                    actor=uploaded_by,
-                    action="patch.create",
-                    target=patch,
-                    institution_id=case.institution_id,
-                    after={
-                        "case": case.pk,
-                        "name": patch.original_name,
-                        "sha256": patch.sha256,
-                        "status": patch.status,
-                    },
-                )
+            patches = TissuePatch.objects.bulk_create(
+                [
+                    TissuePatch(
+                        case=case,
+                        storage_name=saved_name,
+                        sha256=image.sha256,
+                        source_sha256=image.source_sha256,
+                        width=image.width,
+                        height=image.height,
+                        format=image.format,
+                        original_name=image.original_name,
+                        enqueued_at=now,
+                        **_actor_fields(uploaded_by, "uploaded_by", "uploaded_by_lab"),
+                    )
+                    for image, saved_name in written
+                ]
+            )
+            audit_record_many(
+                [
+                    {
+                        "actor": uploaded_by,
+                        "action": "patch.create",
+                        "target": patch,
+                        "institution_id": case.institution_id,
+                        "after": {
+                            "case": case.pk,
+                            "name": patch.original_name,
+                            "sha256": patch.sha256,
+                            "status": patch.status,
+                        },
+                    }
+                    for patch in patches
+                ]
+            )
             from cases.transitions import case_transition, cases_touch
 
             if not case_transition(case_ids=[case.pk], to=BiopsyCase.Status.ANALYSING, actor=uploaded_by):
@@ -193,8 +207,8 @@ def patch_upload(
             ids = [p.pk for p in patches]
             transaction.on_commit(lambda: analysis_enqueue(ids))
     except BaseException:
-        for name in written:
-            default_storage.delete(name)
+        for _, saved_name in written:
+            default_storage.delete(saved_name)
         raise
     return UploadResult(patches=patches, rejected=rejected)
 

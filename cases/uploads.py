@@ -8,12 +8,14 @@ pixels, cannot reach the disk.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import re
 import unicodedata
 import warnings
 from dataclasses import dataclass
+from typing import IO
 
 from django.conf import settings
 from PIL import Image
@@ -40,18 +42,23 @@ class ValidatedImage:
     height: int
     format: str
 
+    def without_pixels(self) -> ValidatedImage:
+        """The same facts without the stored bytes, once they are written (memory per request)."""
+        return dataclasses.replace(self, stored_bytes=b"")
 
-def read_uploads(uploads) -> tuple[list[tuple[str, bytes]], list[tuple[str, str]]]:
-    """(name, bytes) of each uploaded file within the size cap, and (name, reason) for the others.
 
-    An oversized file is refused from its declared size, without reading it into memory.
+def read_uploads(uploads) -> tuple[list[tuple[str, IO[bytes]]], list[tuple[str, str]]]:
+    """(name, file) of each uploaded file within the size cap, and (name, reason) for the others.
+
+    An oversized file is refused from its declared size, without reading it; the others are read
+    one at a time by ``patch_upload``.
     """
     files, refused = [], []
     for upload in uploads:
         if upload.size > settings.UPLOAD_MAX_BYTES:
             refused.append((upload.name, _too_large()))
         else:
-            files.append((upload.name, upload.read()))
+            files.append((upload.name, upload))
     return files, refused
 
 

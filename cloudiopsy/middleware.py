@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.http import HttpResponse, JsonResponse
 from django.utils.cache import add_never_cache_headers
 
 
@@ -22,3 +23,28 @@ class NoStoreMiddleware:
             add_never_cache_headers(response)
             response["Cache-Control"] += ", private"
         return response
+
+
+class RequestSizeLimitMiddleware:
+    """Refuses a request body larger than ``UPLOAD_MAX_REQUEST_BYTES`` from its declared length,
+    before Django reads it: what one request can make the server hold or write has a bound."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        from django.conf import settings
+
+        try:
+            length = int(request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        limit = settings.UPLOAD_MAX_REQUEST_BYTES
+        if length > limit:
+            detail = f"The request is {length:,} bytes; the limit is {limit:,} bytes. Send fewer files at a time."
+            if request.path.startswith("/api/"):
+                from cloudiopsy.api import PROBLEM_CONTENT_TYPE, problem
+
+                return JsonResponse(problem(413, detail), status=413, content_type=PROBLEM_CONTENT_TYPE)
+            return HttpResponse(detail, status=413, content_type="text/plain; charset=utf-8")
+        return self.get_response(request)

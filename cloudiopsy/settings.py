@@ -91,6 +91,7 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
+    "cloudiopsy.middleware.RequestSizeLimitMiddleware",
     "csp.middleware.CSPMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
@@ -231,7 +232,10 @@ UPLOAD_MAX_PIXELS = env_int("UPLOAD_MAX_PIXELS", 25_000_000)
 UPLOAD_MIN_SIDE = env_int("UPLOAD_MIN_SIDE", 64)
 UPLOAD_MAX_FILES = env_int("UPLOAD_MAX_FILES", 100)
 DATA_UPLOAD_MAX_NUMBER_FILES = UPLOAD_MAX_FILES
-FILE_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
+# A request body over this is refused (413) from its declared length, before it is read.
+UPLOAD_MAX_REQUEST_BYTES = env_int("UPLOAD_MAX_REQUEST_BYTES", 256 * 1024 * 1024)
+# Uploaded files above this go to a temporary file while the request is parsed, not to memory.
+FILE_UPLOAD_MAX_MEMORY_SIZE = 1024 * 1024
 DATA_UPLOAD_MAX_MEMORY_SIZE = 5 * 1024 * 1024
 
 # Analysis.

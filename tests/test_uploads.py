@@ -173,3 +173,49 @@ def test_web_upload_of_several_files_queues_them(case, clinician_client, django_
     assert response.status_code == 302
     assert TissuePatch.objects.filter(status=TissuePatch.Status.QUEUED).count() == 2
     assert len(callbacks) == 1
+
+
+def test_request_over_the_byte_cap_is_413_before_it_is_read(case, lab_api, settings, _media_root):
+    settings.UPLOAD_MAX_REQUEST_BYTES = 50_000
+    body, content_type = multipart([("big.png", real_png()), ("big2.png", real_png())])
+    assert len(body) > 50_000
+    response = lab_api.generic("POST", f"/api/v1/cases/{case.pk}/patches/", body, content_type)
+    assert response.status_code == 413
+    assert "limit is 50,000 bytes" in response.json()["detail"]
+    assert not stored_files(_media_root) and not TissuePatch.objects.exists()
+
+
+def test_files_are_written_before_the_transaction_and_rows_inserted_at_once(case, clinician, monkeypatch):
+    from django.core.files.storage import default_storage
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from cases.services import patch_upload
+
+    real_save = default_storage.save
+    in_transaction = []
+    test_depth = len(connection.atomic_blocks)  # the test's own transaction, which rolls back at its end
+    monkeypatch.setattr(
+        default_storage,
+        "save",
+        lambda *a, **k: in_transaction.append(len(connection.atomic_blocks) > test_depth) or real_save(*a, **k),
+    )
+    counts = []
+    for size in (1, 1, 4):  # the first moves the case to "analysing": one more audited transition
+        with CaptureQueriesContext(connection) as queries:
+            patch_upload(case=case, uploaded_by=clinician, files=[(f"p{i}.png", real_png()) for i in range(size)])
+        counts.append(len(queries))
+    assert in_transaction == [False] * 6  # no file I/O while a row lock is held
+    assert counts[2] == counts[1], counts  # one insert and one audit append, whatever the number of files
+
+
+def test_a_transaction_that_fails_leaves_no_file(case, clinician, monkeypatch, _media_root):
+    from cases import services
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("the database went away")
+
+    monkeypatch.setattr(services, "audit_record_many", fail)
+    with pytest.raises(RuntimeError):
+        services.patch_upload(case=case, uploaded_by=clinician, files=[("a.png", real_png()), ("b.png", real_png())])
+    assert not stored_files(_media_root) and not TissuePatch.objects.exists()
