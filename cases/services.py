@@ -16,6 +16,7 @@ from django.utils import timezone
 from accounts.models import Institution, LabSystem, User
 from audit.services import audit_record, audit_record_many
 from cases.models import BiopsyCase, Patient, TissuePatch
+from cases.signals import patches_queued
 from cases.uploads import UploadRejected, ValidatedImage, validate_image
 
 logger = logging.getLogger(__name__)
@@ -205,24 +206,9 @@ def patch_upload(
                 cases_touch(case_ids=[case.pk])  # already analysing: it has new patches all the same
             case.refresh_from_db(fields=["status", "updated_at"])
             ids = [p.pk for p in patches]
-            transaction.on_commit(lambda: analysis_enqueue(ids))
+            transaction.on_commit(lambda: patches_queued.send(sender=TissuePatch, patch_ids=ids))
     except BaseException:
         for _, saved_name in written:
             default_storage.delete(saved_name)
         raise
     return UploadResult(patches=patches, rejected=rejected)
-
-
-def analysis_enqueue(patch_ids: list[int]) -> None:
-    """Send the analysis task for these patches, in batches. A lost message is not fatal:
-    the reconciler re-sends queued patches (see inference.services.analysis_reconcile)."""
-    from django.conf import settings
-
-    from inference.tasks import prediction_run
-
-    size = settings.INFERENCE_BATCH_SIZE
-    for start in range(0, len(patch_ids), size):
-        try:
-            prediction_run.delay(patch_ids[start : start + size])
-        except Exception:
-            logger.exception("could not enqueue analysis of patches %s; the reconciler will retry", patch_ids)

@@ -6,4 +6,7 @@ class InferenceConfig(AppConfig):
     verbose_name = "AI analysis"
 
     def ready(self) -> None:
-        from inference import worker  # noqa: F401 - connects the worker heartbeat signals
+        from inference import (
+            tasks,  # noqa: F401 - sends the analysis task when patches are queued
+            worker,  # noqa: F401 - connects the worker heartbeat signals
+        )

@@ -1,15 +1,35 @@
-"""Celery tasks: thin wrappers that take ids and call a service."""
+"""Celery tasks: thin wrappers that take ids and call a service. The only module of the app that
+talks to Celery: it also sends the analysis task when the case services announce queued patches."""
+
+import logging
 
 from celery import shared_task
+from django.conf import settings
+from django.dispatch import receiver
 
-from inference import services
+from cases.signals import patches_queued
+from inference import analysis
+
+logger = logging.getLogger(__name__)
 
 
 @shared_task(name="inference.tasks.prediction_run")
 def prediction_run(patch_ids: list[int]) -> dict[str, int]:
-    return services.prediction_run(patch_ids=[int(i) for i in patch_ids])
+    return analysis.prediction_run(patch_ids=[int(i) for i in patch_ids])
 
 
 @shared_task(name="inference.tasks.analysis_reconcile", acks_late=False)
 def analysis_reconcile() -> dict[str, int]:
-    return services.analysis_reconcile()
+    return analysis.analysis_reconcile()
+
+
+@receiver(patches_queued, dispatch_uid="inference.tasks.analysis_enqueue")
+def analysis_enqueue(sender=None, *, patch_ids: list[int], **kwargs) -> None:
+    """Send the analysis task for these patches, in batches. A lost message is not fatal: the
+    reconciler re-sends queued patches (``inference.analysis.analysis_reconcile``)."""
+    size = settings.INFERENCE_BATCH_SIZE
+    for start in range(0, len(patch_ids), size):
+        try:
+            prediction_run.delay(patch_ids[start : start + size])
+        except Exception:
+            logger.exception("could not enqueue analysis of patches %s; the reconciler will retry", patch_ids)

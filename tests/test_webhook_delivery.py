@@ -349,7 +349,7 @@ def test_a_broker_down_at_commit_is_logged_and_the_deliveries_wait_for_the_sweep
         raise BrokerError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
 
     monkeypatch.setattr(webhook_deliver, "delay", broker_down)
-    with caplog.at_level(logging.ERROR, logger="webhooks.services"):
+    with caplog.at_level(logging.ERROR, logger="webhooks.tasks"):
         with django_capture_on_commit_callbacks(execute=True), transaction.atomic():
             services.events_for_cases(case_ids=[case.pk], event=WebhookEndpoint.Event.CASE_READY)
     deliveries = list(WebhookDelivery.objects.order_by("pk"))

@@ -39,6 +39,7 @@ from accounts.models import LabSystem
 from cases.models import BiopsyCase
 from webhooks.crypto import InvalidToken, secret_decrypt, secret_encrypt
 from webhooks.models import WebhookDelivery, WebhookEndpoint
+from webhooks.signals import deliveries_due
 
 logger = logging.getLogger(__name__)
 
@@ -142,26 +143,7 @@ def events_for_cases(*, case_ids: list[int], event: str) -> None:
         .values_list("pk", flat=True)
     )
     if ids:
-        transaction.on_commit(lambda: deliveries_enqueue(delivery_ids=ids))
-
-
-def deliveries_enqueue(*, delivery_ids: list[int]) -> int:
-    """Send the delivery task for each id; returns how many were sent. A broker error is logged,
-    never raised: the change that made these events is committed already and must not turn into
-    an error page. The deliveries stay pending and the sweep (``webhook_sweep``) sends them."""
-    from webhooks.tasks import webhook_deliver
-
-    for sent, delivery_id in enumerate(delivery_ids):
-        try:
-            webhook_deliver.delay(delivery_id)
-        except Exception:
-            # The broker is down (or unreachable): the next ones would wait and fail the same way.
-            logger.exception(
-                "could not enqueue webhook deliveries %s; they stay pending and the sweep will send them",
-                delivery_ids[sent:],
-            )
-            return sent
-    return len(delivery_ids)
+        transaction.on_commit(lambda: deliveries_due.send(sender=WebhookDelivery, delivery_ids=ids))
 
 
 def webhook_deliver(*, delivery_id: int) -> str:
@@ -299,7 +281,7 @@ def webhook_sweep(*, now=None) -> dict[str, int]:
         WebhookDelivery.objects.filter(pk__in=due).update(next_attempt_at=now)
         counts["resent"] = len(due)
         if due:
-            transaction.on_commit(lambda: deliveries_enqueue(delivery_ids=due))
+            transaction.on_commit(lambda: deliveries_due.send(sender=WebhookDelivery, delivery_ids=due))
     if any(counts.values()):
         logger.warning("webhook sweep: %s", counts)
     return counts

@@ -1,0 +1,295 @@
+"""Analysis of tissue patches by the active model, run by Celery workers.
+
+The database is the source of truth for work to do; broker messages are only wake-ups.
+A patch is claimed atomically (QUEUED -> RUNNING with a claim token) so a redelivered message
+or a second worker does no second analysis, and a unique (patch, model version) constraint
+makes a second Prediction impossible even for a worker that was presumed dead. A batch's results
+are written in a constant number of queries.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import timedelta
+
+from django.conf import settings
+from django.core.files.storage import default_storage
+from django.db import IntegrityError, transaction
+from django.db.models import F
+from django.utils import timezone
+
+from audit.services import WORKER, audit_record_many
+from cases.models import BiopsyCase, TissuePatch
+from inference.core import pipeline
+from inference.core.model import Predictor
+from inference.core.pipeline import PatchOutcome
+from inference.models import ModelVersion, Prediction
+from inference.registry import ModelUnavailable, model_load_active
+from inference.selectors import operating_point
+
+logger = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 3
+
+
+def prediction_run(*, patch_ids: list[int]) -> dict[str, int]:
+    """Analyse the queued patches among ``patch_ids`` with the active model.
+
+    Returns counts of outcomes. Patches not QUEUED (done, or claimed by another worker) are skipped.
+    """
+    try:
+        version, loaded = model_load_active()
+    except (ModelUnavailable, OSError, ValueError):
+        logger.exception("cannot analyse patches %s: no usable model; they stay queued", patch_ids)
+        return {"skipped": len(patch_ids)}
+    token = uuid.uuid4()
+    claimed = TissuePatch.objects.filter(id__in=patch_ids, status=TissuePatch.Status.QUEUED).update(
+        status=TissuePatch.Status.RUNNING, claim_token=token, claimed_at=timezone.now(), attempts=F("attempts") + 1
+    )
+    if claimed == 0:
+        # 0 rows updated: already analysed, or another worker claimed them first.
+        return {"claimed": 0}
+    patches = list(TissuePatch.objects.filter(claim_token=token).select_related("case").order_by("id"))
+    audit_record_many(
+        [
+            _status_event(patch, TissuePatch.Status.QUEUED, TissuePatch.Status.RUNNING, attempt=patch.attempts)
+            for patch in patches
+        ]
+    )
+    counts: dict[str, int] = {"claimed": len(patches)}
+    size = max(1, settings.INFERENCE_BATCH_SIZE)
+    for start in range(0, len(patches), size):
+        outcomes = _analyse(patches[start : start + size], loaded)
+        for _, outcome in outcomes:
+            counts[outcome.status] = counts.get(outcome.status, 0) + 1
+        _store(outcomes, version, token)
+    return counts
+
+
+INPUT_STATS = ("od_h", "od_e", "sharpness", "he_fraction", "background_fraction")
+
+
+def input_stats(measures: dict[str, float]) -> dict[str, float]:
+    """The quality measures kept with a prediction for drift monitoring (stain OD, focus, tissue)."""
+    return {key: round(float(measures[key]), 5) for key in INPUT_STATS if key in measures}
+
+
+def _status_event(patch: TissuePatch, before: str, after: str, reason: str = "", **extra) -> dict:
+    """A patch's status change, as ``audit_record_many`` takes it."""
+    return {
+        "actor": WORKER,
+        "action": "patch.status",
+        "target": patch,
+        "institution_id": patch.case.institution_id,
+        "before": {"status": before},
+        "after": {"status": after, **extra},
+        "reason": reason,
+    }
+
+
+def _analyse(patches: list[TissuePatch], predictor: Predictor) -> list[tuple[TissuePatch, PatchOutcome]]:
+    images = []
+    for patch in patches:
+        try:
+            with default_storage.open(patch.storage_name, "rb") as handle:
+                images.append(handle.read())
+        except OSError as exc:
+            logger.warning("patch %s: stored file unreadable: %s", patch.pk, exc)
+            images.append(b"")  # decodes as a failure with its reason
+    return list(zip(patches, pipeline.analyse(predictor, images), strict=True))
+
+
+def _store(outcomes: list[tuple[TissuePatch, PatchOutcome]], version: ModelVersion, token: uuid.UUID) -> None:
+    """Write one batch's results in a constant number of queries: the predictions in one insert,
+    the patches' new statuses in one update each way, every fact's audit event in one append."""
+    case_ids = sorted({patch.case_id for patch, _ in outcomes})
+    # One operating point per institution in the batch: its validated threshold, or the model's default.
+    points = {
+        institution_id: operating_point(institution_id=institution_id, model_version=version)
+        for institution_id in sorted({patch.case.institution_id for patch, _ in outcomes})
+    }
+    analysed = [(patch, outcome) for patch, outcome in outcomes if outcome.prediction is not None]
+    refused = [(patch, outcome) for patch, outcome in outcomes if outcome.prediction is None]
+    with transaction.atomic():
+        # Lock the cases so that two workers finishing a case's last patches cannot both miss
+        # the moment every patch has a result.
+        list(BiopsyCase.objects.select_for_update().filter(pk__in=case_ids).order_by("pk"))
+        # Rows still claimed by this run (the reconciler may have handed a slow one to another worker),
+        # and every analysed patch's status now, for the audit trail's "before".
+        statuses = dict(
+            TissuePatch.objects.filter(pk__in=[patch.pk for patch, _ in outcomes]).values_list("pk", "status")
+        )
+        mine = set(
+            TissuePatch.objects.filter(pk__in=[p.pk for p, _ in refused], claim_token=token).values_list(
+                "pk", flat=True
+            )
+        )
+        events: list[dict] = []
+        failures = [(patch, outcome) for patch, outcome in refused if patch.pk in mine]
+        for patch, outcome in failures:
+            patch.status, patch.failure_reason, patch.failure_code = outcome.status, outcome.reason, outcome.reason_code
+            events.append(_status_event(patch, TissuePatch.Status.RUNNING, outcome.status, outcome.reason))
+        if failures:
+            TissuePatch.objects.bulk_update(
+                [patch for patch, _ in failures], ["status", "failure_reason", "failure_code"]
+            )
+        predictions = _predictions_create(analysed, version, points)
+        for prediction, patch in predictions:
+            point = points[patch.case.institution_id]
+            events.append(
+                {
+                    "actor": WORKER,
+                    "action": "prediction.create",
+                    "target": prediction,
+                    "institution_id": patch.case.institution_id,
+                    "after": {
+                        "patch": patch.pk,
+                        "model_version": str(version),
+                        "label": prediction.label,
+                        "scores": prediction.scores,
+                        "needs_attention": prediction.needs_attention,
+                        "suspected_tumour": prediction.suspected_tumour,
+                        "tumour_threshold": prediction.tumour_threshold,
+                        "validated_at_site": point.validated,
+                    },
+                }
+            )
+        done = [patch for patch, _ in analysed if statuses.get(patch.pk) != TissuePatch.Status.DONE]
+        if done:
+            TissuePatch.objects.filter(pk__in=[patch.pk for patch in done]).update(
+                status=TissuePatch.Status.DONE, failure_reason=""
+            )
+            events += [_status_event(patch, statuses[patch.pk], TissuePatch.Status.DONE) for patch in done]
+        audit_record_many(events)
+        case_status_refresh(case_ids=case_ids)
+
+
+def _predictions_create(
+    analysed: list[tuple[TissuePatch, PatchOutcome]], version: ModelVersion, points: dict
+) -> list[tuple[Prediction, TissuePatch]]:
+    """Insert the batch's predictions at once; a patch that has one by this version already (a
+    worker presumed dead finished it meanwhile) keeps it."""
+    existing = set(
+        Prediction.objects.filter(patch_id__in=[patch.pk for patch, _ in analysed], model_version=version).values_list(
+            "patch_id", flat=True
+        )
+    )
+    rows = []
+    for patch, outcome in analysed:
+        if patch.pk in existing:
+            logger.info("patch %s already has a prediction by %s", patch.pk, version)
+            continue
+        point = points[patch.case.institution_id]
+        rows.append(
+            (
+                Prediction(
+                    patch=patch,
+                    model_version=version,
+                    scores=outcome.prediction.scores,
+                    label=outcome.prediction.label,
+                    uncertainty=outcome.prediction.uncertainty,
+                    needs_attention=outcome.prediction.needs_attention,
+                    heatmaps=outcome.prediction.heatmaps,
+                    inference_seconds=outcome.prediction.seconds,
+                    suspected_tumour=point.suspected(outcome.prediction.scores),
+                    tumour_threshold=point.threshold,
+                    site_validation=point.validation,
+                    input_stats=input_stats(outcome.measures),
+                ),
+                patch,
+            )
+        )
+    if not rows:
+        return []
+    try:
+        with transaction.atomic():
+            Prediction.objects.bulk_create([prediction for prediction, _ in rows])
+    except IntegrityError:
+        # Another worker inserted one of them between our check and our insert: one at a time.
+        created = []
+        for prediction, patch in rows:
+            try:
+                with transaction.atomic():
+                    prediction.save()
+                created.append((prediction, patch))
+            except IntegrityError:
+                logger.info("patch %s already has a prediction by %s", patch.pk, version)
+        return created
+    return rows
+
+
+def case_status_refresh(*, case_ids: list[int]) -> None:
+    """Move analysing cases whose patches all have a result to 'ready for review', and queue
+    the webhook event for each (in the same transaction, sent after commit)."""
+    from cases.transitions import case_transition, cases_touch
+    from webhooks.models import WebhookEndpoint
+    from webhooks.services import events_for_cases
+
+    cases_touch(case_ids=case_ids)  # their patches have results now
+    ready = list(
+        BiopsyCase.objects.filter(pk__in=case_ids, status=BiopsyCase.Status.ANALYSING)
+        .exclude(patches__status__in=TissuePatch.PENDING)
+        .values_list("pk", flat=True)
+    )
+    moved = case_transition(case_ids=ready, to=BiopsyCase.Status.READY_FOR_REVIEW, actor=WORKER)
+    if moved:
+        events_for_cases(case_ids=moved, event=WebhookEndpoint.Event.CASE_READY)
+
+
+def analysis_reconcile(*, stale_after: timedelta | None = None) -> dict[str, int]:
+    """Re-enqueue patches whose analysis was lost (message lost, worker killed).
+
+    A patch RUNNING or QUEUED for longer than ``stale_after`` (default
+    ANALYSIS_STALE_AFTER_SECONDS) is queued again; after MAX_ATTEMPTS claims it is marked failed,
+    so nothing stays pending for ever.
+    """
+    from cases.signals import patches_queued
+
+    if stale_after is None:
+        stale_after = timedelta(seconds=settings.ANALYSIS_STALE_AFTER_SECONDS)
+    now = timezone.now()
+    cutoff = now - stale_after
+    with transaction.atomic():
+        running = TissuePatch.objects.filter(status=TissuePatch.Status.RUNNING, claimed_at__lt=cutoff)
+        exhausted_patches = list(running.filter(attempts__gte=MAX_ATTEMPTS).select_related("case"))
+        exhausted = [p.case_id for p in exhausted_patches]
+        failed = running.filter(attempts__gte=MAX_ATTEMPTS).update(
+            status=TissuePatch.Status.FAILED,
+            failure_reason=f"analysis did not complete after {MAX_ATTEMPTS} attempts",
+            claim_token=None,
+        )
+        stale = list(running.select_related("case"))
+        audit_record_many(
+            [
+                *(
+                    _status_event(
+                        patch, TissuePatch.Status.RUNNING, TissuePatch.Status.FAILED, "analysis never completed"
+                    )
+                    for patch in exhausted_patches
+                ),
+                *(
+                    _status_event(
+                        patch, TissuePatch.Status.RUNNING, TissuePatch.Status.QUEUED, "worker lost: re-enqueued"
+                    )
+                    for patch in stale
+                ),
+            ]
+        )
+        requeued_running = [p.pk for p in stale]
+        TissuePatch.objects.filter(id__in=requeued_running, status=TissuePatch.Status.RUNNING).update(
+            status=TissuePatch.Status.QUEUED, claim_token=None, enqueued_at=now
+        )
+        lost = list(
+            TissuePatch.objects.filter(status=TissuePatch.Status.QUEUED, enqueued_at__lt=cutoff).values_list(
+                "id", flat=True
+            )
+        )
+        TissuePatch.objects.filter(id__in=lost).update(enqueued_at=now)
+        to_send = sorted(set(requeued_running) | set(lost))
+        if exhausted:
+            case_status_refresh(case_ids=sorted(set(exhausted)))
+        transaction.on_commit(lambda: patches_queued.send(sender=TissuePatch, patch_ids=to_send))
+    if to_send or failed:
+        logger.warning("reconciler: re-enqueued %d patches, failed %d", len(to_send), failed)
+    return {"requeued": len(to_send), "failed": failed}
