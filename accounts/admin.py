@@ -39,6 +39,7 @@ class CloudiopsyUserAdmin(TenantModelAdmin, UserAdmin):
 
     list_display = ["username", "email", "institution", "role", "is_active", "is_staff"]
     list_filter = ["institution", "role", "is_active", "is_staff"]
+    list_select_related = ["institution"]  # nullable: Django's automatic join leaves it out
     fieldsets = (*UserAdmin.fieldsets, ("Institution", {"fields": ["institution", "role"]}))
     add_fieldsets = (*UserAdmin.add_fieldsets, ("Institution", {"fields": ["institution", "role"]}))
     institution_fixed = False  # an operator may move a member of staff to another institution
@@ -118,6 +119,7 @@ class CloudiopsyUserAdmin(TenantModelAdmin, UserAdmin):
 class LabSystemAdmin(TenantModelAdmin):
     list_display = ["name", "institution", "token_hint", "scopes", "expires_at", "last_used_at", "revoked_at"]
     list_filter = ["institution"]
+    list_select_related = ["institution"]
     readonly_fields = ["token_hint", "created_at", "last_used_at", "revoked_at"]
     actions = ["revoke"]
 

@@ -60,6 +60,7 @@ class PatientReadsAudited:
 class PatientAdmin(PatientReadsAudited, TenantModelAdmin):
     list_display = ["mrn", "name", "institution", "birth_date", "sex"]
     list_filter = ["institution"]
+    list_select_related = ["institution"]
     search_fields = ["mrn", "name"]
 
     def patients_shown(self, obj) -> list[Patient]:

@@ -10,6 +10,7 @@ import io
 import secrets
 
 from django.core.files.storage import default_storage
+from django.db.models import Prefetch
 from django.http import Http404, HttpResponse
 from django.http.multipartparser import MultiPartParser as DjangoMultiPartParser
 from django.utils.dateparse import parse_datetime
@@ -457,7 +458,15 @@ def _rejected(rejected: list[tuple[str, str]]) -> list[dict[str, str]]:
 
 def _visible_patch(request, pk: int) -> TissuePatch:
     cases = cases_visible_to(principal=request.user)
-    patch = TissuePatch.objects.filter(pk=pk, case__in=cases).prefetch_related("predictions__model_version").first()
+    patch = (
+        TissuePatch.objects.filter(pk=pk, case__in=cases)
+        .select_related("case")  # for the review's blindness
+        .prefetch_related(
+            Prefetch("predictions", queryset=Prediction.objects.select_related("model_version").order_by("-id")),
+            "reviews",
+        )
+        .first()
+    )
     if patch is None:
         raise Http404
     return patch

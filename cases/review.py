@@ -7,12 +7,14 @@ institution first, so another institution's case is a 404 before we get here).
 from __future__ import annotations
 
 from django.db import transaction
+from django.db.models import Prefetch
 
 from accounts.models import User
 from audit.services import audit_record
 from cases.models import Addendum, BiopsyCase, Review, SignOut, TissuePatch
 from cases.services import CaseError
 from cases.transitions import case_transition, cases_touch
+from inference.models import Prediction
 
 
 class NotAllowed(PermissionError):
@@ -28,9 +30,7 @@ def _locked_case(case: BiopsyCase) -> BiopsyCase:
     return BiopsyCase.objects.select_for_update().get(pk=case.pk)
 
 
-def _review(
-    *, case, patch, pathologist, decision, final_label="", reason_code="", reason_text="", request=None, audit=True
-):
+def _review(*, case, patch, pathologist, decision, final_label="", reason_code="", reason_text="", request=None):
     prediction = patch.predictions.order_by("-id").first()
     if prediction is None:
         raise CaseError(f"patch {patch.original_name} has no AI result to review")
@@ -47,7 +47,7 @@ def _review(
     else:
         raise CaseError("decision must be confirm or override")
     previous = patch.reviews.filter(pathologist=pathologist).order_by("-id").first()
-    read = _read_of(case, patch, pathologist)
+    read = _reads_of(case, pathologist, [patch.pk])[patch.pk]
     review = Review.objects.create(
         patch=patch,
         prediction=prediction,
@@ -58,8 +58,6 @@ def _review(
         reason_code=reason_code if decision == Review.Decision.OVERRIDE else "",
         reason_text=reason_text,
     )
-    if not audit:
-        return review
     audit_record(
         actor=pathologist,
         action=f"review.{decision}",
@@ -110,85 +108,120 @@ def review_submit(
 
 
 def review_confirm_all(*, case: BiopsyCase, pathologist: User, request=None) -> list[Review]:
-    """Confirm every analysed patch the pathologist has not reviewed yet (overrides stand)."""
+    """Confirm every analysed patch the pathologist has not reviewed yet (overrides stand).
+
+    The case stays locked meanwhile: a few queries whatever the number of patches (the reviews
+    written in one INSERT), and one audit event for the one decision.
+    """
     _require_pathologist(pathologist)
     with transaction.atomic():
         case = _locked_case(case)
         if case.status == BiopsyCase.Status.SIGNED_OUT:
             raise CaseError("the case is signed out: add an addendum instead")
-        pending = case.patches.filter(status=TissuePatch.Status.DONE).exclude(reviews__pathologist=pathologist)
-        reviews = [
-            _review(case=case, patch=patch, pathologist=pathologist, decision=Review.Decision.CONFIRM, audit=False)
-            for patch in pending.order_by("id")
-        ]
-        if reviews:
-            cases_touch(case_ids=[case.pk])
-            # One decision, one event: every patch it confirmed, with the AI's class it accepted.
-            audit_record(
-                actor=pathologist,
-                action="review.confirm_all",
-                target=case,
-                after={
-                    "confirmed": {str(r.patch_id): r.final_label for r in reviews},
-                    "reviews": [r.pk for r in reviews],
-                },
-                request=request,
+        newest_first = Prediction.objects.order_by("-id")
+        pending = list(
+            case.patches.filter(status=TissuePatch.Status.DONE)
+            .exclude(reviews__pathologist=pathologist)
+            .order_by("id")
+            .prefetch_related(Prefetch("predictions", queryset=newest_first, to_attr="newest_first"))
+        )
+        if not pending:
+            return []
+        reads = _reads_of(case, pathologist, [patch.pk for patch in pending])
+        reviews = []
+        for patch in pending:
+            prediction = next(iter(patch.newest_first), None)
+            if prediction is None:
+                raise CaseError(f"patch {patch.original_name} has no AI result to review")
+            reviews.append(
+                Review(
+                    patch=patch,
+                    prediction=prediction,
+                    pathologist=pathologist,
+                    read=reads[patch.pk],
+                    decision=Review.Decision.CONFIRM,
+                    final_label=prediction.label,
+                )
             )
+        Review.objects.bulk_create(reviews)
+        cases_touch(case_ids=[case.pk])
+        # One decision, one event: every patch it confirmed, with the AI's class it accepted.
+        audit_record(
+            actor=pathologist,
+            action="review.confirm_all",
+            target=case,
+            after={
+                "confirmed": {str(r.patch_id): r.final_label for r in reviews},
+                "reviews": [r.pk for r in reviews],
+            },
+            request=request,
+        )
         return reviews
 
 
-def _readers(case: BiopsyCase) -> dict[int, int]:
-    """{pathologist id: their read (1 or 2)} of a case, from their reviews (adjudications left out)."""
+def _case_reviews(case: BiopsyCase) -> list[Review]:
+    """Every review of the case, oldest first."""
+    return list(Review.objects.filter(patch__case=case).order_by("id"))
+
+
+def _readers(reviews: list[Review]) -> dict[int, int]:
+    """{pathologist id: their read (1 or 2)} of a case, from its reviews (adjudications left out)."""
     readers: dict[int, int] = {}
-    for pathologist_id, read in (
-        Review.objects.filter(patch__case=case, read__in=[Review.Read.FIRST, Review.Read.SECOND])
-        .order_by("id")
-        .values_list("pathologist_id", "read")
-    ):
-        readers.setdefault(pathologist_id, read)
+    for review in sorted(reviews, key=lambda r: r.pk):
+        if review.read in (Review.Read.FIRST, Review.Read.SECOND):
+            readers.setdefault(review.pathologist_id, review.read)
     return readers
 
 
-def _read_of(case: BiopsyCase, patch: TissuePatch, pathologist) -> int:
-    """Which read a new review is: the reader's own, the second one, or an adjudication."""
+def _reads_of(case: BiopsyCase, pathologist, patch_ids: list[int]) -> dict[int, int]:
+    """{patch id: which read a new review of it by ``pathologist`` is}: the reader's own, the second
+    one, or an adjudication. One query at most, whatever the number of patches."""
     if not case.second_read:
-        return Review.Read.FIRST
-    if patch.pk in disagreements(case):
-        return Review.Read.ADJUDICATION
-    readers = _readers(case)
-    if pathologist.pk in readers:
-        return readers[pathologist.pk]
-    if not readers:
-        return Review.Read.FIRST
-    if len(readers) == 1:
-        return Review.Read.SECOND
-    raise NotAllowed("two pathologists are reading this case already; a third can only adjudicate disagreements")
+        return dict.fromkeys(patch_ids, Review.Read.FIRST)
+    reviews = _case_reviews(case)
+    disagreeing = disagreements(case, reviews=reviews)
+    readers = _readers(reviews)
+
+    def read_of(patch_id: int) -> int:
+        if patch_id in disagreeing:
+            return Review.Read.ADJUDICATION
+        if pathologist.pk in readers:
+            return readers[pathologist.pk]
+        if not readers:
+            return Review.Read.FIRST
+        if len(readers) == 1:
+            return Review.Read.SECOND
+        raise NotAllowed("two pathologists are reading this case already; a third can only adjudicate disagreements")
+
+    return {patch_id: read_of(patch_id) for patch_id in patch_ids}
 
 
-def _latest_reads(case: BiopsyCase) -> dict[int, dict[int, Review]]:
+def _latest_reads(reviews: list[Review]) -> dict[int, dict[int, Review]]:
     """{patch id: {read: that read's latest review}}."""
     reads: dict[int, dict[int, Review]] = {}
-    for review in Review.objects.filter(patch__case=case).order_by("id"):
+    for review in sorted(reviews, key=lambda r: r.pk):
         reads.setdefault(review.patch_id, {})[review.read] = review
     return reads
 
 
-def disagreements(case: BiopsyCase) -> set[int]:
-    """Patches whose first and second reads differ and are not adjudicated yet."""
+def disagreements(case: BiopsyCase, *, reviews: list[Review] | None = None) -> set[int]:
+    """Patches whose first and second reads differ and are not adjudicated yet. ``reviews``: every
+    review of the case, when the caller has them already (else they are read)."""
     if not case.second_read:
         return set()
     return {
         patch_id
-        for patch_id, reads in _latest_reads(case).items()
+        for patch_id, reads in _latest_reads(_case_reviews(case) if reviews is None else reviews).items()
         if {1, 2} <= set(reads) and reads[1].final_label != reads[2].final_label and 3 not in reads
     }
 
 
-def final_labels(case: BiopsyCase) -> dict[int, str]:
+def final_labels(case: BiopsyCase, *, reviews: list[Review] | None = None) -> dict[int, str]:
     """{patch id: final class} for the patches whose review is complete: the latest review, or with
-    a second read, the two reads' common class or the adjudication."""
+    a second read, the two reads' common class or the adjudication. ``reviews`` as for
+    ``disagreements``."""
     labels: dict[int, str] = {}
-    for patch_id, reads in _latest_reads(case).items():
+    for patch_id, reads in _latest_reads(_case_reviews(case) if reviews is None else reviews).items():
         latest = max(reads.values(), key=lambda r: r.pk)
         if not case.second_read:
             labels[patch_id] = latest.final_label
@@ -232,12 +265,13 @@ def case_sign_out(*, case: BiopsyCase, pathologist: User, conclusion: str, comme
             raise CaseError("the case is already signed out: add an addendum instead")
         if case.status != BiopsyCase.Status.READY_FOR_REVIEW:
             raise CaseError("the case is not ready for review yet")
-        labels = final_labels(case)
+        reviews = _case_reviews(case)
+        labels = final_labels(case, reviews=reviews)
         unreviewed = case.patches.filter(status=TissuePatch.Status.DONE).exclude(pk__in=labels).count()
         if unreviewed and case.second_read:
             raise CaseError(
                 f"{unreviewed} analysed patch(es) await a review, the second read or adjudication "
-                f"({len(disagreements(case))} disagreement(s))"
+                f"({len(disagreements(case, reviews=reviews))} disagreement(s))"
             )
         if unreviewed:
             raise CaseError(f"{unreviewed} analysed patch(es) are not reviewed yet")

@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.db.models import Case, Count, F, Max, Prefetch, Q, QuerySet, When
 
 from accounts.permissions import institution_of
-from cases.models import BiopsyCase, Patient, TissuePatch
+from cases.models import Addendum, BiopsyCase, Patient, Review, TissuePatch
 
 
 def cases_visible_to(*, principal) -> QuerySet[BiopsyCase]:
@@ -18,17 +18,21 @@ def case_with_results(*, principal, case_id: int) -> BiopsyCase:
     """One visible case with its patches and their predictions; DoesNotExist (-> 404) otherwise."""
     from inference.models import Prediction
 
+    # A fixed number of queries whatever the number of patches, predictions and reviews.
     patches = TissuePatch.objects.order_by("id").prefetch_related(
         Prefetch(
             "predictions",
             queryset=Prediction.objects.select_related("model_version", "site_validation").order_by("-id"),
         ),
-        "reviews__pathologist",
+        Prefetch("reviews", queryset=Review.objects.select_related("pathologist").order_by("id")),
     )
     return (
         cases_visible_to(principal=principal)
         .select_related("institution", "sign_out__pathologist")
-        .prefetch_related(Prefetch("patches", queryset=patches), "addenda__pathologist")
+        .prefetch_related(
+            Prefetch("patches", queryset=patches),
+            Prefetch("addenda", queryset=Addendum.objects.select_related("pathologist").order_by("id")),
+        )
         .get(pk=case_id)
     )
 
@@ -96,8 +100,6 @@ def agreement_stats(*, institution, model_version=None) -> dict:
     ``confusion`` {AI class: {final class: n}}, ``classes`` (sorted), ``per_version``
     {model version: {reviews, agreement}} and ``per_week`` [(ISO week, reviews, agreement)].
     """
-    from cases.models import Review
-
     reviews = Review.objects.filter(patch__case__institution=institution).select_related("prediction__model_version")
     if model_version is not None:
         reviews = reviews.filter(prediction__model_version=model_version)

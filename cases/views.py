@@ -51,8 +51,12 @@ from inference.core.preprocessing import decode_rgb
 THUMBNAIL_SIDE = 224
 
 
-def _visible_case(request, pk: int) -> BiopsyCase:
+def _visible_case(request, pk: int, *, with_results: bool = True) -> BiopsyCase:
+    """The case for its page (``with_results``: its patches, their predictions and reviews
+    prefetched), or for an action that reads nothing more of it."""
     try:
+        if not with_results:
+            return cases_visible_to(principal=request.user).get(pk=pk)
         return case_with_results(principal=request.user, case_id=pk)
     except BiopsyCase.DoesNotExist:
         # Another institution's case is "not found", never "forbidden": no hint that it exists.
@@ -168,14 +172,15 @@ def _render_case(
     request, case: BiopsyCase, upload_errors: list[str] | None = None, action_errors=None, status: int | None = None
 ):
     patches = list(case.patches.all())
-    labels_by_patch = final_labels(case)
-    reviews = Review.objects.filter(patch__case=case).select_related("pathologist").order_by("id")
+    # Every review of the case, from the prefetch (with its pathologist): read once for all below.
+    reviews = sorted((r for p in patches for r in p.reviews.all()), key=lambda r: r.pk)
+    labels_by_patch = final_labels(case, reviews=reviews)
     if case.second_read:
         # Blind: each reader sees only their own reviews until the reads are compared.
         mine = {r.patch_id: r for r in reviews if r.pathologist_id == request.user.pk}
     else:
         mine = {r.patch_id: r for r in reviews}
-    disagreeing = disagreements(case)
+    disagreeing = disagreements(case, reviews=reviews)
     reads_by_patch: dict[int, list] = {}
     for review in reviews:
         reads_by_patch.setdefault(review.patch_id, []).append(review)
@@ -276,14 +281,15 @@ def patch_heatmap(request, pk: int, patch_id: int, label: str):
 
 
 def _act(request, pk: int, action) -> HttpResponse:
-    """Run a review action for the case page; errors come back on the page with a 4xx."""
-    case = _visible_case(request, pk)
+    """Run a review action for the case page; errors come back on the page with a 4xx. The action
+    reads what it needs itself: the page's patches and results are read only to show an error."""
+    case = _visible_case(request, pk, with_results=False)
     try:
         message = action(case)
     except NotAllowed as exc:
-        return _render_case(request, case, action_errors=[str(exc)], status=403)
+        return _render_case(request, _visible_case(request, pk), action_errors=[str(exc)], status=403)
     except CaseError as exc:
-        return _render_case(request, case, action_errors=[str(exc)], status=400)
+        return _render_case(request, _visible_case(request, pk), action_errors=[str(exc)], status=400)
     messages.success(request, message)
     return redirect("cases:detail", pk=case.pk)
 
@@ -392,7 +398,7 @@ def case_assign_view(request, pk: int):
     def action(case):
         assignee_id = str(request.POST.get("assignee") or request.user.pk)
         assignee = (
-            User.objects.filter(pk=int(assignee_id), institution=case.institution).first()
+            User.objects.filter(pk=int(assignee_id), institution_id=case.institution_id).first()
             if assignee_id.isdigit()
             else None
         )

@@ -72,6 +72,7 @@ class PredictionAdmin(TenantReadOnlyAdmin):
 
     list_display = ["patch", "label", "needs_attention", "model_version", "created_at"]
     list_filter = ["model_version", "label", "needs_attention"]
+    list_select_related = ["patch__case", "model_version"]  # a patch is shown with its case's accession
 
 
 @admin.register(WorkerHeartbeat)
@@ -88,6 +89,7 @@ class ModelActivationAdmin(TenantReadOnlyAdmin):
     institution's results depend on it, so their administrators may read it)."""
 
     list_display = ["created_at", "model_version", "previous", "actor", "reason"]
+    list_select_related = ["model_version", "previous"]  # nullable: Django's automatic join leaves it out
 
 
 def _interval(rate: dict | None) -> str:
@@ -142,6 +144,7 @@ class SiteValidationAdmin(TenantReadOnlyAdmin):
         "actor",
     ]
     list_filter = ["passed", "model_version"]
+    list_select_related = ["institution", "model_version"]
     change_list_template = "inference/sitevalidation_change_list.html"
     fields = [
         "institution",

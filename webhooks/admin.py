@@ -32,6 +32,7 @@ class WebhookEndpointAdmin(TenantModelAdmin):
 
     form = WebhookEndpointForm
     list_display = ["lab_system", "url", "active", "created_at"]
+    list_select_related = ["lab_system__institution"]  # a lab system is shown with its institution's slug
     list_filter = ["active"]
     fields = ["lab_system", "url", "active", "created_at"]
     readonly_fields = ["lab_system", "created_at"]
@@ -49,3 +50,4 @@ class WebhookDeliveryAdmin(TenantReadOnlyAdmin):
 
     list_display = ["created_at", "event", "case", "endpoint", "status", "attempts", "last_status_code", "delivered_at"]
     list_filter = ["status", "event"]
+    list_select_related = ["case", "endpoint__lab_system__institution"]
