@@ -10,10 +10,13 @@ class AuditEvent(models.Model):
     on PostgreSQL).
 
     ``hash`` is the HMAC-SHA256, keyed with ``settings.AUDIT_HMAC_KEY``, of the event's content and
-    ``prev_hash`` (the previous event's hash), so changing or removing any event breaks every hash
-    after it, and whoever can write the table but lacks the key cannot make a chain that verifies
-    (``manage.py verify_audit``; docs/audit.md). Events recorded before the chain was keyed keep
-    their plain SHA-256 and say so in ``hash_scheme``.
+    ``prev_hash`` (the hash of the event before it in its ``chain``), so changing or removing any
+    event breaks every hash after it in its chain, and whoever can write the table but lacks the key
+    cannot make a chain that verifies (``manage.py verify_audit``; docs/audit.md). Each institution
+    has its own chain, and the platform one (0), so that appends for different institutions never
+    wait for each other. Events recorded before the per-institution chains form one global chain
+    (``chain`` empty); events recorded before the chain was keyed keep their plain SHA-256 and say
+    so in ``hash_scheme``.
     No foreign keys: nothing that happens to the rows an event names can change or cascade to it.
     """
 
@@ -54,9 +57,21 @@ class AuditEvent(models.Model):
         "'cloudiopsy-audit-key-id')); empty when unkeyed. Tells a rotated or wrong key from tampering.",
     )
 
+    chain = models.PositiveBigIntegerField(
+        null=True,
+        blank=True,
+        help_text="The hash chain the event was appended to: an institution's id, or 0 for the platform "
+        "(normally that of ``institution_id``; docs/audit.md). Empty for the global chain of the events "
+        "recorded before per-institution chains.",
+    )
+
     class Meta:
         ordering = ["id"]
-        indexes = [models.Index(fields=["target_type", "target_id"], name="audit_target")]
+        indexes = [
+            models.Index(fields=["target_type", "target_id"], name="audit_target"),
+            # A chain's last event (every append) and a chain's events in order (verify_audit).
+            models.Index(fields=["chain", "id"], name="audit_chain"),
+        ]
 
     def __str__(self) -> str:
         return f"#{self.pk} {self.action} {self.target_type}:{self.target_id} by {self.actor_label or self.actor_type}"

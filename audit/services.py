@@ -1,15 +1,20 @@
 """Writing and verifying audit events.
 
 ``audit_record`` must run inside the transaction of the change it records (it opens a savepoint
-if called outside one): the event and the change commit or roll back together. Appends are
-serialised (a PostgreSQL advisory lock; SQLite serialises writers anyway) so that each event
-chains onto the one before it.
+if called outside one): the event and the change commit or roll back together.
+
+Each institution's events form their own hash chain, and events of no institution the platform's
+chain, so that appends for different institutions never wait for each other. Appends to one chain
+are serialised until commit (on PostgreSQL an advisory lock per chain; SQLite serialises writers
+anyway) so that each event chains onto the one before it in its chain. Events recorded before the
+per-institution chains stay in the global chain they were written in (``chain`` empty), which the
+first event of every chain continues (migration 0006).
 
 Each event's hash is an HMAC-SHA256 keyed with ``settings.AUDIT_HMAC_KEY``, a key kept outside the
 database: whoever can write the audit table but lacks the key cannot make a chain that verifies.
 Events recorded before the chain was keyed keep their plain SHA-256 (``hash_scheme``); they are
-accepted only as the first events of the trail and only when a keyed event follows them, whose
-HMAC covers the last of them and through it every one before (docs/audit.md).
+accepted only as the first events of the global chain and only when a keyed event follows them,
+whose HMAC covers the last of them and through it every one before (docs/audit.md).
 """
 
 from __future__ import annotations
@@ -20,9 +25,7 @@ import hmac
 import ipaddress
 import json
 import logging
-import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from django.conf import settings
@@ -34,9 +37,15 @@ from audit.models import AuditEvent
 logger = logging.getLogger(__name__)
 
 GENESIS = "0" * 64
-APPEND_LOCK_KEY = 0x434C4459  # "CLDY": the advisory lock that serialises appends on PostgreSQL
+# "CLDY". On PostgreSQL, pg_advisory_xact_lock(APPEND_LOCK_KEY, <chain's lock key>) serialises one
+# chain's appends; the one-argument lock on APPEND_LOCK_KEY alone (another lock: PostgreSQL keeps the
+# two forms apart) was the global chain's, taken by the migrations that append to it (0004, 0006).
+APPEND_LOCK_KEY = 0x434C4459
+PLATFORM_CHAIN = 0
+# "<lock key> <chain>" of the greatest chain lock key this transaction holds. Transaction-local:
+# PostgreSQL forgets it when the transaction ends or a savepoint is rolled back, as it does the lock.
+_HELD_SETTING = "cloudiopsy.audit_chain"
 _KEY_ID_MESSAGE = b"cloudiopsy-audit-key-id"
-ANCHOR_FORMAT = "cloudiopsy-audit-anchor/1"
 # The triggers that make the table append-only, by database (migrations 0002 and 0005).
 PROTECTION_TRIGGERS = {
     "postgresql": ["audit_event_append_only", "audit_event_no_truncate"],
@@ -129,6 +138,10 @@ def _content(event: AuditEvent) -> bytes:
         "client_address": event.client_address,
         "prev_hash": event.prev_hash,
     }
+    chain = getattr(event, "chain", None)  # migrations' models before 0006 have no chain
+    if chain is not None:
+        # Binds the event to its chain: moving it to another one needs the key.
+        content["chain"] = chain
     return json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
 
 
@@ -147,6 +160,129 @@ def event_sign(event: AuditEvent, *, key: str) -> None:
     event.hash = content_hash(event, key=key)
 
 
+def chain_of(institution_id: int | None) -> int:
+    """The chain an institution's events are appended to: its own, or the platform's for none."""
+    return PLATFORM_CHAIN if institution_id is None else institution_id
+
+
+def chain_name(chain: int | None) -> str:
+    if chain is None:
+        return "the global chain (from before per-institution chains)"
+    return "the platform chain" if chain == PLATFORM_CHAIN else f"the chain of institution {chain}"
+
+
+def _lock_key(chain: int) -> int:
+    # pg_advisory_xact_lock takes two 32-bit keys: ids below 2**31 are their own key, larger ones wrap
+    # (two chains that share a key only wait for each other).
+    return (chain + 2**31) % 2**32 - 2**31
+
+
+# Try the chain's lock and read which chain lock this transaction held before; when the lock is taken
+# and its key is the greatest held, record that. OFFSET 0: the attempt runs before the outer CASE.
+_TRY_LOCK = """
+SELECT got, CASE WHEN got AND (held = '' OR split_part(held, ' ', 1)::integer < %(key)s)
+                 THEN set_config(%(setting)s, %(held)s, true) ELSE held END
+FROM (SELECT pg_try_advisory_xact_lock(%(space)s, %(key)s) AS got,
+             COALESCE(current_setting(%(setting)s, true), '') AS held
+      OFFSET 0) AS attempt
+"""
+_LOCK = "SELECT pg_advisory_xact_lock(%(space)s, %(key)s), set_config(%(setting)s, %(held)s, true)"
+
+
+def _chain_lock(chain: int) -> int:
+    """Hold ``chain``'s append lock until this transaction ends and return ``chain``; or, where waiting
+    for that lock could deadlock, return a chain whose lock this transaction holds already, for the
+    event to join instead.
+
+    A transaction waits only for a lock key greater than every key it holds, so no cycle of waits
+    can form: one transaction recording events of several institutions in any order (a worker's
+    batch) never deadlocks with another. Where a key below one held is taken by someone else, the
+    event joins the held chain: it verifies there like any other (its chain is in its hash).
+    """
+    if connection.vendor != "postgresql":
+        return chain  # SQLite runs one writing transaction at a time.
+    key = _lock_key(chain)
+    params = {"space": APPEND_LOCK_KEY, "key": key, "setting": _HELD_SETTING, "held": f"{key} {chain}"}
+    with connection.cursor() as cursor:
+        cursor.execute(_TRY_LOCK, params)
+        got, held = cursor.fetchone()
+        if got:
+            return chain
+        if held:
+            held_key, held_chain = (int(part) for part in held.split())
+            if held_key > key:
+                # Waiting here could close a cycle of waits. The held chain's lock is still held: the
+                # setting that names it is rolled back with it.
+                return held_chain
+        cursor.execute(_LOCK, params)
+    return chain
+
+
+def _chain_head(chain: int) -> str:
+    """The hash the next event of ``chain`` links to: its last event's; for a chain's first event the
+    global chain's last (so cutting the global chain's end breaks every chain), else GENESIS."""
+    last = AuditEvent.objects.filter(chain=chain).order_by("-id").values_list("hash", flat=True).first()
+    if last is None:
+        last = AuditEvent.objects.filter(chain__isnull=True).order_by("-id").values_list("hash", flat=True).first()
+    return last or GENESIS
+
+
+def _events_append(events: list[AuditEvent]) -> list[AuditEvent]:
+    """Lock the events' chains, link and sign the events in order and insert them, in one statement."""
+    key = settings.AUDIT_HMAC_KEY
+    with transaction.atomic():
+        # In ascending key order, so that the batch never waits holding a greater key (_chain_lock).
+        joined = {chain: _chain_lock(chain) for chain in sorted({e.chain for e in events}, key=_lock_key)}
+        heads: dict[int, str] = {}
+        for event in events:
+            event.chain = joined[event.chain]
+            if event.chain not in heads:
+                heads[event.chain] = _chain_head(event.chain)
+            event.prev_hash = heads[event.chain]
+            event_sign(event, key=key)
+            heads[event.chain] = event.hash
+        # Ids follow the list's order, so each chain's events are in id order, as verify walks them.
+        AuditEvent.objects.bulk_create(events)
+    return events
+
+
+def _event(
+    *,
+    actor,
+    action: str,
+    target=None,
+    target_type: str = "",
+    target_id: str | int = "",
+    before: dict | None = None,
+    after: dict | None = None,
+    reason: str = "",
+    request=None,
+    institution_id: int | None = None,
+) -> AuditEvent:
+    who = actor_of(actor)
+    if target is not None:
+        target_type = target_type or target._meta.label_lower
+        target_id = target.pk
+        institution_id = institution_id or getattr(target, "institution_id", None)
+    if institution_id is None:
+        institution_id = who.institution_id
+    return AuditEvent(
+        created_at=timezone.now(),
+        actor_type=who.type,
+        actor_id=who.id,
+        actor_label=who.label,
+        institution_id=institution_id,
+        action=action,
+        target_type=target_type,
+        target_id=str(target_id) if target_id != "" else "",
+        before=_canonical(before) if before is not None else None,
+        after=_canonical(after) if after is not None else None,
+        reason=reason,
+        client_address=client_address(request),
+        chain=chain_of(institution_id),
+    )
+
+
 def audit_record(
     *,
     actor,
@@ -160,7 +296,7 @@ def audit_record(
     request=None,
     institution_id: int | None = None,
 ) -> AuditEvent:
-    """Append one event to the chain, in the caller's transaction.
+    """Append one event to its institution's chain, in the caller's transaction.
 
     Args:
         actor: a User, a LabSystem, an ``Actor`` (e.g. ``WORKER``) or None (system).
@@ -170,34 +306,31 @@ def audit_record(
         request: for the client address.
         institution_id: whose data it concerns (defaults to the target's or the actor's).
     """
-    who = actor_of(actor)
-    if target is not None:
-        target_type = target_type or target._meta.label_lower
-        target_id = target.pk
-        institution_id = institution_id or getattr(target, "institution_id", None)
-    with transaction.atomic():
-        if connection.vendor == "postgresql":
-            with connection.cursor() as cursor:
-                cursor.execute("SELECT pg_advisory_xact_lock(%s)", [APPEND_LOCK_KEY])
-        last = AuditEvent.objects.order_by("-id").values_list("hash", flat=True).first()
-        event = AuditEvent(
-            created_at=timezone.now(),
-            actor_type=who.type,
-            actor_id=who.id,
-            actor_label=who.label,
-            institution_id=institution_id if institution_id is not None else who.institution_id,
-            action=action,
-            target_type=target_type,
-            target_id=str(target_id) if target_id != "" else "",
-            before=_canonical(before) if before is not None else None,
-            after=_canonical(after) if after is not None else None,
-            reason=reason,
-            client_address=client_address(request),
-            prev_hash=last or GENESIS,
-        )
-        event_sign(event, key=settings.AUDIT_HMAC_KEY)
-        event.save()
-    return event
+    event = _event(
+        actor=actor,
+        action=action,
+        target=target,
+        target_type=target_type,
+        target_id=target_id,
+        before=before,
+        after=after,
+        reason=reason,
+        request=request,
+        institution_id=institution_id,
+    )
+    return _events_append([event])[0]
+
+
+def audit_record_many(records: list[dict[str, Any]]) -> list[AuditEvent]:
+    """Append several events at once, in order, in the caller's transaction: one per fact, as
+    ``audit_record`` would, each dict holding ``audit_record``'s keyword arguments.
+
+    Writers of many facts at a time (the analysis worker's batches) call this instead of a loop: each
+    chain is locked and its last hash read once, and the events are inserted in one statement.
+    """
+    if not records:
+        return []
+    return _events_append([_event(**record) for record in records])
 
 
 class ChainCheck(NamedTuple):
@@ -206,18 +339,11 @@ class ChainCheck(NamedTuple):
     why: str
 
 
-def audit_record_many(records: list[dict[str, Any]]) -> list[AuditEvent]:
-    """Append several events at once, in order, in the caller's transaction: one per fact, as
-    ``audit_record`` would, each dict holding ``audit_record``'s keyword arguments.
-
-    Writers of many facts at a time (the analysis worker's batches) call this instead of a loop.
-    """
-    with transaction.atomic():
-        return [audit_record(**record) for record in records]
-
-
 def audit_verify(*, previous_keys: tuple[str, ...] = ()) -> ChainCheck:
-    """Walk the chain from the start and stop at the first event that does not verify.
+    """Walk every chain from its start, in id order, and stop at the first event that does not verify.
+
+    The global chain (events from before per-institution chains) starts at GENESIS; every other
+    chain starts where the global chain ends.
 
     Args:
         previous_keys: keys retired by a rotation, for the events they made (the current key is
@@ -225,12 +351,26 @@ def audit_verify(*, previous_keys: tuple[str, ...] = ()) -> ChainCheck:
     """
     current = key_fingerprint(settings.AUDIT_HMAC_KEY)
     keys = {key_fingerprint(key): key for key in previous_keys} | {current: settings.AUDIT_HMAC_KEY}
-    previous = GENESIS
+    heads: dict[int | None, str] = {}  # each chain's last verified hash
     checked = 0
     first = None
+    chains_began: AuditEvent | None = None  # the first event of a per-institution chain
     keyed = False
+    global_keyed = False
     for event in AuditEvent.objects.order_by("id").iterator(chunk_size=2000):
         first = first or event
+        if event.chain is None:
+            if chains_began is not None:
+                return ChainCheck(
+                    checked,
+                    event,
+                    f"it is in the global chain, which ended when per-institution chains began (event "
+                    f"#{chains_began.pk}): it was added afterwards, not by this application",
+                )
+            previous = heads.get(None, GENESIS)
+        else:
+            chains_began = chains_began or event
+            previous = heads.get(event.chain, heads.get(None, GENESIS))
         if event.prev_hash != previous:
             return ChainCheck(
                 checked,
@@ -238,7 +378,14 @@ def audit_verify(*, previous_keys: tuple[str, ...] = ()) -> ChainCheck:
                 "its prev_hash does not match the previous event's hash (an event was removed or changed)",
             )
         if event.hash_scheme == AuditEvent.HashScheme.SHA256:
-            if keyed:
+            if event.chain is not None:
+                return ChainCheck(
+                    checked,
+                    event,
+                    "it has an unkeyed (plain SHA-256) hash in a per-institution chain, where every hash is "
+                    "keyed: it was written or rewritten without the audit key",
+                )
+            if global_keyed:
                 return ChainCheck(
                     checked,
                     event,
@@ -256,6 +403,7 @@ def audit_verify(*, previous_keys: tuple[str, ...] = ()) -> ChainCheck:
                     "if that key was rotated out, give it with --previous-key-file; if not, the event was forged",
                 )
             keyed = True
+            global_keyed = global_keyed or event.chain is None
         else:
             return ChainCheck(checked, event, f"its hash scheme {event.hash_scheme!r} is unknown")
         if content_hash(event, key=key) != event.hash:
@@ -264,7 +412,7 @@ def audit_verify(*, previous_keys: tuple[str, ...] = ()) -> ChainCheck:
             else:
                 why = "its content does not match its hash (the event was altered)"
             return ChainCheck(checked, event, why)
-        previous = event.hash
+        heads[event.chain] = event.hash
         checked += 1
     if first is not None and not keyed:
         # Only a keyed event after them vouches for unkeyed events (its HMAC covers the last unkeyed
@@ -296,92 +444,6 @@ def audit_protection_missing() -> list[str]:
             cursor.execute("SELECT name FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'audit_auditevent'")
         present = {row[0] for row in cursor.fetchall()}
     return [name for name in expected if name not in present]
-
-
-def audit_anchor() -> dict[str, Any] | None:
-    """The latest event as an anchor to keep outside the database, or None while the trail is empty.
-
-    A later ``verify_audit --anchor`` proves that this event still exists with this hash and that no
-    event up to it went: what a chain cannot show by itself is that its end was cut off.
-    """
-    last = AuditEvent.objects.order_by("-id").first()
-    if last is None:
-        return None
-    return {
-        "format": ANCHOR_FORMAT,
-        "id": last.pk,
-        "hash": last.hash,
-        # Appends are serialised until commit, so ids commit in order: no lower id can appear later.
-        "count": AuditEvent.objects.filter(id__lte=last.pk).count(),
-        "created_at": last.created_at.astimezone(datetime.UTC).isoformat(timespec="microseconds"),
-        "hash_scheme": last.hash_scheme,
-        "key_id": last.key_id,
-        "anchored_at": timezone.now().astimezone(datetime.UTC).isoformat(timespec="seconds"),
-    }
-
-
-def anchor_parse(text: str) -> dict[str, Any]:
-    """The anchor in ``text``, as ``audit_anchor`` makes it; a ValueError says what is wrong with it."""
-    try:
-        anchor = json.loads(text)
-    except ValueError as error:
-        raise ValueError(f"it is not JSON ({error})") from None
-    if not isinstance(anchor, dict) or anchor.get("format") != ANCHOR_FORMAT:
-        raise ValueError(f'it is not an audit anchor (no "format": "{ANCHOR_FORMAT}")')
-    for name in ("id", "count"):
-        if type(anchor.get(name)) is not int or anchor[name] < 1:
-            raise ValueError(f"its {name!r} is not a positive whole number")
-    if not isinstance(anchor.get("hash"), str) or not re.fullmatch(r"[0-9a-f]{64}", anchor["hash"]):
-        raise ValueError("its 'hash' is not 64 lowercase hexadecimal digits")
-    return anchor
-
-
-def anchor_check(anchor: dict[str, Any]) -> str:
-    """Why the trail no longer matches ``anchor``, or "" when it does. Meant after ``audit_verify``."""
-    anchored_id, count = anchor["id"], anchor["count"]
-    event = AuditEvent.objects.filter(pk=anchored_id).first()
-    now_count = AuditEvent.objects.filter(id__lte=anchored_id).count()
-    if event is None:
-        last = AuditEvent.objects.order_by("-id").values_list("id", flat=True).first()
-        if last is None or last < anchored_id:
-            now = f"ends at event #{last}" if last is not None else "is empty"
-            return (
-                f"the anchored event #{anchored_id} is gone and the trail now {now}, with {now_count} events where "
-                f"the anchor counted {count}: events were cut from the end of the trail"
-            )
-        return (
-            f"the anchored event #{anchored_id} is gone though later events exist: the chain was rewritten, "
-            "or the anchor is from another database"
-        )
-    if event.hash != anchor["hash"]:
-        return (
-            f"event #{anchored_id} no longer has the anchored hash: the chain was rewritten since the anchor "
-            "was taken, or the anchor is from another database"
-        )
-    if now_count != count:
-        return (
-            f"{now_count} events up to #{anchored_id} where the anchor counted {count}: events before it were "
-            "removed or inserted"
-        )
-    return ""
-
-
-def audit_anchor_write(*, directory: str | Path | None) -> dict[str, Any] | None:
-    """Log the current anchor (logger ``audit.services``, for shipping off the server) and, given a
-    directory, write it there too as ``audit-anchor-<id>.json`` unless that file exists already."""
-    anchor = audit_anchor()
-    if anchor is None:
-        return None
-    line = json.dumps(anchor, sort_keys=True)
-    logger.info("AUDIT_ANCHOR %s", line)
-    if directory:
-        path = Path(directory) / f"audit-anchor-{anchor['id']:012d}.json"
-        try:
-            with path.open("x") as file:
-                file.write(line + "\n")
-        except FileExistsError:
-            pass  # No event since that anchor was written: the file already says the same.
-    return anchor
 
 
 def patient_read(*, principal, patients, via: str, request=None, case=None) -> None:

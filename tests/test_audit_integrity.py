@@ -55,11 +55,14 @@ def events() -> list[AuditEvent]:
 
 
 def rewrite(first: AuditEvent, *, sign, until: AuditEvent | None = None) -> None:
-    """Edit ``first`` and re-chain it and the events after it (through ``until``, else to the end) as
-    someone who can write the table would: ``sign`` sets each event's hash fields."""
-    previous = AuditEvent.objects.filter(id__lt=first.pk).order_by("-id").values_list("hash", flat=True).first()
+    """Edit ``first`` and re-chain it and the events after it in its chain (through ``until``, else to
+    the end) as someone who can write the table would: ``sign`` sets each event's hash fields."""
+    chain = AuditEvent.objects.filter(chain=first.chain)
+    previous = chain.filter(id__lt=first.pk).order_by("-id").values_list("hash", flat=True).first()
+    if previous is None and first.chain is not None:  # a chain starts where the global chain ends
+        previous = AuditEvent.objects.filter(chain=None).order_by("-id").values_list("hash", flat=True).first()
     previous = previous or GENESIS
-    later = AuditEvent.objects.filter(id__gte=first.pk, id__lte=(until or events()[-1]).pk).order_by("id")
+    later = chain.filter(id__gte=first.pk, id__lte=(until or chain.order_by("id").last()).pk).order_by("id")
     with triggers_set_aside():
         for event in later:
             if event.pk == first.pk:
@@ -113,6 +116,7 @@ def test_events_are_hmac_sha256_of_the_canonical_content_with_the_audit_key(sett
         "reason": "event 1",
         "client_address": None,
         "prev_hash": first.hash,
+        "chain": 0,  # the platform's chain: the event names no institution
     }
     message = json.dumps(content, sort_keys=True, separators=(",", ":")).encode()
     assert second.hash == hmac.new(b"k" * 64, message, hashlib.sha256).hexdigest()
@@ -146,8 +150,8 @@ def test_verify_audit_names_the_first_altered_event(institution, clinician):
     ("sign", "from_first", "why"),
     [
         (plain_sha256, False, "its hash is a plain SHA-256 where a keyed HMAC belongs"),
-        (plain_sha256_labelled_unkeyed, False, "unkeyed (plain SHA-256) hash after keyed events"),
-        (plain_sha256_labelled_unkeyed, True, "no event has a keyed hash"),
+        (plain_sha256_labelled_unkeyed, False, "unkeyed (plain SHA-256) hash in a per-institution chain"),
+        (plain_sha256_labelled_unkeyed, True, "unkeyed (plain SHA-256) hash in a per-institution chain"),
         (hmac_with_a_guessed_key, False, "its content does not match its hash"),
         (hmac_with_own_key, False, "made with another key"),
     ],
@@ -246,14 +250,22 @@ def test_anchor_names_the_last_event_and_still_matches_as_the_trail_grows(tmp_pa
     anchor = json.loads((tmp_path / "anchor.json").read_text())
     assert json.loads(out.getvalue()) == anchor
     last = events()[-1]
-    assert anchor["format"] == "cloudiopsy-audit-anchor/1"
-    assert (anchor["id"], anchor["hash"], anchor["count"]) == (last.pk, last.hash, 2)
-    assert (anchor["hash_scheme"], anchor["key_id"]) == ("hmac-sha256", key_fingerprint(django_settings.AUDIT_HMAC_KEY))
-    assert datetime.datetime.fromisoformat(anchor["created_at"]) == last.created_at
+    assert anchor["format"] == "cloudiopsy-audit-anchor/2"
+    assert (anchor["id"], anchor["count"]) == (last.pk, 2)
+    (platform,) = anchor["chains"]
+    assert (platform["chain"], platform["id"], platform["hash"], platform["count"]) == (0, last.pk, last.hash, 2)
+    assert (platform["hash_scheme"], platform["key_id"]) == (
+        "hmac-sha256",
+        key_fingerprint(django_settings.AUDIT_HMAC_KEY),
+    )
+    assert datetime.datetime.fromisoformat(platform["created_at"]) == last.created_at
     record(1, start=2)
     out = io.StringIO()
     call_command("verify_audit", anchor=str(tmp_path / "anchor.json"), stdout=out)
-    assert out.getvalue().strip() == f"OK: 3 audit events verify; the anchor (event #{last.pk}, 2 events) matches"
+    assert (
+        out.getvalue().strip()
+        == f"OK: 3 audit events verify; the anchor (event #{last.pk}, 2 events in 1 chain) matches"
+    )
 
 
 def test_events_cut_from_the_end_pass_the_chain_but_not_the_anchor(tmp_path):
@@ -268,8 +280,8 @@ def test_events_cut_from_the_end_pass_the_chain_but_not_the_anchor(tmp_path):
     assert "OK: 2 audit events verify" in out.getvalue()
     with pytest.raises(
         CommandError,
-        match=f"anchored event #{last.pk} is gone and the trail now ends at event #{last.pk - 1}, with 2 events "
-        "where the anchor counted 3: events were cut from the end",
+        match=f"anchored event #{last.pk} of the platform chain is gone and that chain now ends at event "
+        f"#{last.pk - 1}, with 2 events where the anchor counted 3: events were cut from the end",
     ):
         call_command("verify_audit", anchor=str(tmp_path / "anchor.json"))
 
@@ -286,8 +298,9 @@ def test_anchor_catches_a_chain_rewritten_with_the_key(tmp_path):
 def test_anchor_whose_count_differs_is_reported(tmp_path):
     record(2)
     anchor = write_anchor(tmp_path / "anchor.json")
-    (tmp_path / "anchor.json").write_text(json.dumps({**anchor, "count": 3}))
-    with pytest.raises(CommandError, match=f"2 events up to #{anchor['id']} where the anchor counted 3"):
+    anchor["chains"][0]["count"] = anchor["count"] = 3
+    (tmp_path / "anchor.json").write_text(json.dumps(anchor))
+    with pytest.raises(CommandError, match=f"2 events of the platform chain up to #{anchor['id']} where the anchor "):
         call_command("verify_audit", anchor=str(tmp_path / "anchor.json"))
 
 
@@ -308,18 +321,28 @@ def test_beat_task_logs_the_anchor_and_adds_a_file_per_new_anchor(settings, tmp_
     record(1, start=2)
     second = tasks.audit_anchor_write()
     files = sorted(tmp_path.iterdir())
-    assert [f.name for f in files] == [f"audit-anchor-{first:012d}.json", f"audit-anchor-{second:012d}.json"]
+    assert [f.name for f in files] == [
+        f"audit-anchor-{first:012d}-{2:012d}.json",
+        f"audit-anchor-{second:012d}-{3:012d}.json",
+    ]
     assert 'AUDIT_ANCHOR {"anchored_at"' in caplog.text and f'"id": {first}' in caplog.text
     out = io.StringIO()
     call_command("verify_audit", anchor=str(files[0]), stdout=out)
-    assert f"the anchor (event #{first}, 2 events) matches" in out.getvalue()
+    assert f"the anchor (event #{first}, 2 events in 1 chain) matches" in out.getvalue()
 
 
 # Command errors: a clear message, no traceback
 
 
 def _anchor_text(**changes) -> str:
+    """An anchor from before per-institution chains (format 1), still accepted."""
     anchor = {"format": "cloudiopsy-audit-anchor/1", "id": 1, "count": 1, "hash": "a" * 64}
+    return json.dumps({**anchor, **changes})
+
+
+def _chains_anchor_text(*entries, **changes) -> str:
+    chains = [{"chain": 0, "id": 1, "count": 1, "hash": "a" * 64, **entry} for entry in entries]
+    anchor = {"format": "cloudiopsy-audit-anchor/2", "id": 1, "count": len(chains), "chains": chains}
     return json.dumps({**anchor, **changes})
 
 
@@ -332,6 +355,12 @@ def _anchor_text(**changes) -> str:
         (_anchor_text(id="1"), "its 'id' is not a positive whole number"),
         (_anchor_text(count=0), "its 'count' is not a positive whole number"),
         (_anchor_text(hash="A" * 64), "its 'hash' is not 64 lowercase hexadecimal digits"),
+        (_chains_anchor_text(chains=[], count=1), "its 'chains' is not a list of chains"),
+        (_chains_anchor_text({}, chains=[[]]), "chain entry 1 is not an object"),
+        (_chains_anchor_text({}, {"id": 0}), "chain entry 2's 'id' is not a positive whole number"),
+        (_chains_anchor_text({}, {"chain": -1}), "chain entry 2's 'chain' is neither null nor a whole number"),
+        (_chains_anchor_text({}, {}), "it names chain 0 twice"),
+        (_chains_anchor_text({}, {"chain": 5}, count=3), "its 'id' and 'count' are not its chains'"),
         (b"\xff\xfe\x00", "the anchor file .* is not text"),
     ],
 )

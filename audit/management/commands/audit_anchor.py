@@ -3,15 +3,16 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from audit.services import audit_anchor
+from audit.anchors import audit_anchor
 
 
 class Command(BaseCommand):
     help = (
-        "Print the audit trail's anchor as one line of JSON: the latest event's id and hash, the number of "
+        "Print the audit trail's anchor as one line of JSON: for each hash chain (each institution's, the "
+        "platform's, the global one from before them) its latest event's id and hash, the number of its "
         "events up to it, its time and the key fingerprint. Keep it outside the database (a log shipped "
-        "elsewhere, another system, paper): `verify_audit --anchor FILE` then proves that no event up to it "
-        "was changed or removed, including from the end of the trail, which the chain alone cannot show."
+        "elsewhere, another system, paper): `verify_audit --anchor FILE` then proves that no event up to "
+        "them was changed or removed, including from the end of any chain, which a chain alone cannot show."
     )
 
     def add_arguments(self, parser):

@@ -2,26 +2,28 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
+from audit.anchors import anchor_check, anchor_parse
 from audit.models import AuditEvent
-from audit.services import anchor_check, anchor_parse, audit_protection_missing, audit_verify
+from audit.services import audit_protection_missing, audit_verify
 
 
 class Command(BaseCommand):
     help = (
-        "Walk the audit trail's hash chain from the first event. Exits non-zero, naming the first event "
-        "that does not verify, when any event was altered, removed or inserted out of order, or when the "
-        "chain was rewritten without the audit key (AUDIT_HMAC_KEY). The chain alone cannot show that "
-        "events were cut from its end: give --anchor with an anchor kept outside the database (made by "
-        "audit_anchor) to check that too. Also exits non-zero when the database's append-only triggers "
-        "are missing or disabled."
+        "Walk the audit trail's hash chains (one per institution, one for the platform, and the global "
+        "chain of the events from before them) from their first events. Exits non-zero, naming the first "
+        "event that does not verify, when any event was altered, removed, inserted out of order or moved "
+        "to another chain, or when a chain was rewritten without the audit key (AUDIT_HMAC_KEY). A chain "
+        "alone cannot show that events were cut from its end: give --anchor with an anchor kept outside "
+        "the database (made by audit_anchor) to check that too, for every chain. Also exits non-zero when "
+        "the database's append-only triggers are missing or disabled."
     )
 
     def add_arguments(self, parser):
         parser.add_argument(
             "--anchor",
             metavar="FILE",
-            help="an anchor file written by `audit_anchor --out`: its event must still exist, with its hash, "
-            "and with as many events up to it as it counted",
+            help="an anchor file written by `audit_anchor --out`: each chain's anchored event must still exist, "
+            "with its hash, and with as many events of its chain up to it as the anchor counted",
         )
         parser.add_argument(
             "--previous-key-file",
@@ -56,7 +58,11 @@ class Command(BaseCommand):
         if unkeyed:
             message += f" ({unkeyed} from before keyed chaining, with plain SHA-256 hashes)"
         if anchor is not None:
-            message += f"; the anchor (event #{anchor['id']}, {anchor['count']} events) matches"
+            chains = len(anchor["chains"])
+            message += (
+                f"; the anchor (event #{anchor['id']}, {anchor['count']} events in {chains} "
+                f"chain{'s' if chains != 1 else ''}) matches"
+            )
         self.stdout.write(message)
 
     def _anchor(self, name: str) -> dict:
