@@ -243,6 +243,9 @@ INFERENCE_BATCH_SIZE = env_int("INFERENCE_BATCH_SIZE", 32)
 # Threads each worker process gives the model (0: one per core). With several worker processes on
 # one machine, 1 keeps them from competing for the same cores.
 INFERENCE_THREADS = env_int("INFERENCE_THREADS", 0)
+# A worker fills each batch with other waiting patches (urgent cases first) when its message
+# brought fewer than INFERENCE_BATCH_SIZE: full batches under a stream of single-patch uploads.
+ANALYSIS_COALESCE = env_bool("ANALYSIS_COALESCE", True)
 # A patch queued or running for longer than this is re-enqueued by the reconciler; it must be
 # longer than the task's hard time limit so that a live task is never taken for a lost one.
 ANALYSIS_STALE_AFTER_SECONDS = env_int("ANALYSIS_STALE_AFTER_SECONDS", 600)

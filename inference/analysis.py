@@ -15,8 +15,8 @@ from datetime import timedelta
 
 from django.conf import settings
 from django.core.files.storage import default_storage
-from django.db import IntegrityError, transaction
-from django.db.models import F
+from django.db import IntegrityError, connection, transaction
+from django.db.models import Case, F, When
 from django.utils import timezone
 
 from audit.services import WORKER, audit_record_many
@@ -44,9 +44,7 @@ def prediction_run(*, patch_ids: list[int]) -> dict[str, int]:
         logger.exception("cannot analyse patches %s: no usable model; they stay queued", patch_ids)
         return {"skipped": len(patch_ids)}
     token = uuid.uuid4()
-    claimed = TissuePatch.objects.filter(id__in=patch_ids, status=TissuePatch.Status.QUEUED).update(
-        status=TissuePatch.Status.RUNNING, claim_token=token, claimed_at=timezone.now(), attempts=F("attempts") + 1
-    )
+    claimed = _claim(patch_ids, token)
     if claimed == 0:
         # 0 rows updated: already analysed, or another worker claimed them first.
         return {"claimed": 0}
@@ -65,6 +63,30 @@ def prediction_run(*, patch_ids: list[int]) -> dict[str, int]:
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
         _store(outcomes, version, token)
     return counts
+
+
+def _claim(patch_ids: list[int], token: uuid.UUID) -> int:
+    """Claim the queued patches among ``patch_ids`` and, with ANALYSIS_COALESCE, other waiting
+    patches (urgent cases first, then the longest waiting) up to a full batch: under a stream of
+    single-patch uploads a worker then runs full batches instead of one patch per message. The
+    messages of patches claimed this way find nothing left to do."""
+    queued = TissuePatch.Status.QUEUED
+    with transaction.atomic():
+        extra: list[int] = []
+        room = settings.INFERENCE_BATCH_SIZE - len(patch_ids)
+        if settings.ANALYSIS_COALESCE and room > 0:
+            waiting = (
+                TissuePatch.objects.filter(status=queued)
+                .exclude(pk__in=patch_ids)
+                .order_by(Case(When(case__priority=BiopsyCase.Priority.URGENT, then=0), default=1), "enqueued_at", "pk")
+            )
+            if connection.features.has_select_for_update_skip_locked:
+                # Rows another worker is claiming right now are left to it, not waited for.
+                waiting = waiting.select_for_update(skip_locked=True, of=("self",))
+            extra = list(waiting.values_list("pk", flat=True)[:room])
+        return TissuePatch.objects.filter(id__in=[*patch_ids, *extra], status=queued).update(
+            status=TissuePatch.Status.RUNNING, claim_token=token, claimed_at=timezone.now(), attempts=F("attempts") + 1
+        )
 
 
 INPUT_STATS = ("od_h", "od_e", "sharpness", "he_fraction", "background_fraction")

@@ -210,3 +210,26 @@ def test_a_batch_is_stored_in_the_same_number_of_queries_whatever_its_size(clini
     assert counts[0] == counts[1], counts
     assert Prediction.objects.count() == 8
     assert audit_verify().bad is None
+
+
+def test_a_message_fills_its_batch_with_waiting_patches_urgent_first(clinician, demo_model, settings, sent):
+    from tests.conftest import new_case
+
+    settings.INFERENCE_BATCH_SIZE = 3
+    routine, urgent = new_case(clinician, accession="ROUTINE", mrn="R"), new_case(clinician, accession="URG", mrn="U")
+    BiopsyCase.objects.filter(pk=urgent.pk).update(priority=BiopsyCase.Priority.URGENT)
+    first, older, newer = upload(routine, clinician, ["NORM-TCGA-CWFDHWAH.png"] * 3)
+    (urgent_patch,) = upload(urgent, clinician, ["TUM-TCGA-KECNIDCQ.png"])
+
+    assert services.prediction_run(patch_ids=[first.pk])["claimed"] == 3
+    done = set(TissuePatch.objects.filter(status=TissuePatch.Status.DONE).values_list("pk", flat=True))
+    assert done == {first.pk, urgent_patch.pk, older.pk}  # its own, the urgent one, then the longest waiting
+    # Its own message finds it done, and takes the one still waiting instead.
+    assert services.prediction_run(patch_ids=[older.pk])["claimed"] == 1
+    assert TissuePatch.objects.get(pk=newer.pk).status == TissuePatch.Status.DONE
+    assert services.prediction_run(patch_ids=[newer.pk]) == {"claimed": 0}
+
+    settings.ANALYSIS_COALESCE = False
+    alone, waiting = upload(routine, clinician, ["NORM-TCGA-CWFDHWAH.png"] * 2)
+    assert services.prediction_run(patch_ids=[alone.pk])["claimed"] == 1
+    assert TissuePatch.objects.get(pk=waiting.pk).status == TissuePatch.Status.QUEUED
