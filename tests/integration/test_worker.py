@@ -12,6 +12,7 @@ import pytest
 from django.core.management import call_command
 from rest_framework.test import APIClient
 
+from audit.services import audit_verify
 from cases.models import BiopsyCase, TissuePatch
 from cases.services import PatientData, case_create, patch_upload
 from inference import services
@@ -139,6 +140,7 @@ def test_task_delivered_twice_to_two_workers_yields_one_prediction(seeded, worke
     assert "received" in first.log() and "received" in second.log()
     case.refresh_from_db()
     assert case.status == BiopsyCase.Status.READY_FOR_REVIEW
+    assert audit_verify().bad is None  # two workers appending to the same chain, each batch in bulk
 
 
 def test_worker_killed_mid_batch_recovers_with_one_prediction_each(seeded, workers, broker):
@@ -172,3 +174,4 @@ def test_worker_killed_mid_batch_recovers_with_one_prediction_each(seeded, worke
         assert Prediction.objects.filter(patch=patch).count() == 1
     case.refresh_from_db()
     assert case.status == BiopsyCase.Status.READY_FOR_REVIEW
+    assert audit_verify().bad is None  # the dead worker's half-written batch left no broken chain
