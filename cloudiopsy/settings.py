@@ -289,9 +289,9 @@ if not AUDIT_HMAC_KEY:
         raise ImproperlyConfigured("AUDIT_HMAC_KEY (or AUDIT_HMAC_KEY_FILE) is required when DEBUG is off")
     AUDIT_HMAC_KEY = "insecure-local-development-audit-key"
 
-# Hourly, the chain's last event (id, hash, count) is logged as "AUDIT_ANCHOR {...}" and, when set,
-# written to this folder: keep it (or ship the log) off the database server so that `verify_audit
-# --anchor` can tell if events were cut from the end.
+# Hourly, each audit chain's last event (id, hash, count) is logged as "AUDIT_ANCHOR {...}" and,
+# when set, written to this folder: keep it (or ship the log) off the database server so that
+# `verify_audit --anchor` can tell if events were cut from the end of a chain.
 AUDIT_ANCHOR_DIR = env_str("AUDIT_ANCHOR_DIR")
 
 # Behind a reverse proxy: the client address comes from this header (e.g. X-Forwarded-For), taking
