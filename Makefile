@@ -45,9 +45,15 @@ browser-deps:
 	  fi; \
 	fi
 
-# Naive vs served vs kernel rates, latency and memory on the real samples; writes var/bench.json.
+# The serving path (naive vs served vs kernel, latency, memory; var/bench.json), then the platform
+# around it on PostgreSQL + Redis with real worker and web processes (drain vs kernel, uploads, a
+# 20 patches/s load test, two workers vs one; var/bench_platform.json) and audit appends
+# (var/bench_audit.json). The last two make and drop databases of their own on BENCH_DATABASE_URL's server.
+BENCH_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 bench: venv
 	$(PY) scripts/bench.py --json var/bench.json
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) scripts/bench_platform.py --json var/bench_platform.json
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) scripts/bench_audit.py --json var/bench_audit.json
 
 # Retrain the bundled demo model from ../shared/data with recipe v3, with leave-one-dataset-out
 # and simulated-other-lab figures for v3 and, for comparison, the v2 recipe (about 15 minutes on 2 CPU cores).
