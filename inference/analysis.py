@@ -44,17 +44,17 @@ def prediction_run(*, patch_ids: list[int]) -> dict[str, int]:
         logger.exception("cannot analyse patches %s: no usable model; they stay queued", patch_ids)
         return {"skipped": len(patch_ids)}
     token = uuid.uuid4()
-    claimed = _claim(patch_ids, token)
-    if claimed == 0:
-        # 0 rows updated: already analysed, or another worker claimed them first.
-        return {"claimed": 0}
-    patches = list(TissuePatch.objects.filter(claim_token=token).select_related("case").order_by("id"))
-    audit_record_many(
-        [
-            _status_event(patch, TissuePatch.Status.QUEUED, TissuePatch.Status.RUNNING, attempt=patch.attempts)
-            for patch in patches
-        ]
-    )
+    with transaction.atomic():  # the claim and its audit events commit together
+        if _claim(patch_ids, token) == 0:
+            # 0 rows updated: already analysed, or another worker claimed them first.
+            return {"claimed": 0}
+        patches = list(TissuePatch.objects.filter(claim_token=token).select_related("case").order_by("id"))
+        audit_record_many(
+            [
+                _status_event(patch, TissuePatch.Status.QUEUED, TissuePatch.Status.RUNNING, attempt=patch.attempts)
+                for patch in patches
+            ]
+        )
     counts: dict[str, int] = {"claimed": len(patches)}
     size = max(1, settings.INFERENCE_BATCH_SIZE)
     for start in range(0, len(patches), size):
