@@ -112,9 +112,12 @@ class Platform:
 
     def start_web(self) -> str:
         port = free_port()
+        # runserver serves each request in a new thread: a connection kept for reuse would only be
+        # left behind by its thread, until PostgreSQL runs out of connections.
         web = subprocess.Popen(
             [sys.executable, "manage.py", "runserver", "--noreload", f"127.0.0.1:{port}"],
-            cwd=ROOT, env=self.env, stdout=subprocess.DEVNULL, stderr=open(self.work / "web.log", "ab"),
+            cwd=ROOT, env={**self.env, "DATABASE_CONN_MAX_AGE": "0"},
+            stdout=subprocess.DEVNULL, stderr=open(self.work / "web.log", "ab"),
         )  # fmt: skip
         self.processes.append(web)
         base = f"http://127.0.0.1:{port}"
