@@ -171,6 +171,9 @@ def test_short_training_on_real_patches_writes_a_loadable_version(tmp_path):
     assert {p.name for p in out.iterdir()} >= {"model.keras", "model.tflite", "metadata.json", "MODEL_CARD.md"}
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["classes"] == ["NORM", "TUM"] and meta["training"]["config"]["seed"] == 7
+    # One head epoch: one augmented view of each image through the backbone, cached.
+    assert meta["training"]["head_features"]["views"] == 1 and meta["training"]["config"]["head_views"] == 8
+    assert "loaders" not in meta["training"]["config"]  # a property of the machine, not of the model
     assert meta["training"]["sources"]["patches"] == {"um_per_px": 0.5, "images": {"NORM": 3, "TUM": 4}}
     assert meta["files"]["model.tflite"] == file_sha256(out / "model.tflite")
     assert meta["calibration"]["temperature"] > 0
@@ -189,6 +192,10 @@ def test_train_model_rejects_bad_arguments(tmp_path):
     weights.write_bytes(b"x")
     with pytest.raises(CommandError, match="dataset folder not found"):
         call_command("train_model", data=[str(tmp_path / "nope")], weights=str(weights), out=str(tmp_path / "m"))
+    with pytest.raises(CommandError, match="at least 0"):
+        call_command("train_model", weights=str(weights), head_views=-1, out=str(tmp_path / "m"))
+    with pytest.raises(CommandError, match="--threads and --loaders must be at least 1"):
+        call_command("train_model", weights=str(weights), threads=0, out=str(tmp_path / "m"))
     with pytest.raises(CommandError, match="needs at least two --data"):
         call_command(
             "train_model", data=[str(FIXTURE_PATCHES)], weights=str(weights), leave_one_dataset_out=True, out="x"

@@ -7,7 +7,10 @@ Recipe (``train_classifier``):
 2. Phase 1: a 1x1-convolution class head on the frozen ImageNet backbone. Phase 2: fine-tune the
    top inverted-residual blocks at a low learning rate (batch-norm statistics stay frozen).
    Images stream from disk in batches with histology augmentation (``augment.augment``); classes
-   are weighted by inverse frequency; each phase stops early on validation loss.
+   are weighted by inverse frequency; each phase stops early on validation loss. The frozen
+   backbone is a fixed function in phase 1, so each augmented view goes through it once:
+   ``head_views`` views of every image are cached as feature maps (within ``feature_cache_mb``)
+   and cycled over the head epochs; phase 2 runs end to end on new views every epoch.
 3. Temperature scaling fitted on the validation split; metrics on the untouched test split.
 4. Output directory: ``model.keras`` (outputs logits and the class-activation map),
    ``model.tflite`` (the LiteRT serving copy), ``metadata.json`` and ``MODEL_CARD.md``.
@@ -22,9 +25,11 @@ import math
 import platform
 import random
 import sys
+import threading
 import time
-from collections import Counter, defaultdict
+from collections import Counter, defaultdict, deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,7 @@ from inference.core.augment import augment, augment_lab
 from inference.core.datasets import LabelledImage, dataset_version, leakage_groups, manifest_sha256
 from inference.core.model import MODEL_FILE, SERVING_FILE, file_sha256, write_metadata
 from inference.core.preprocessing import preprocess
+from inference.core.threads import thread_plan
 
 MIN_CALIBRATION_ERRORS = 2
 TEMPERATURE_RANGE = (0.5, 10.0)
@@ -76,6 +82,14 @@ class TrainingConfig:
     # Fine-tune an existing model version directory instead of starting from ImageNet weights
     # (its classes, input and architecture are kept; learning rates should be low).
     init_from: str | None = None
+    # Phase 1 trains the head on backbone features computed once per augmented view: views
+    # 0..head_views-1 of each image go through the frozen backbone once and epoch e trains on view
+    # e mod head_views. head_views >= head_epochs gives every epoch a new view, as streaming does;
+    # 0 streams (the backbone runs on every view of every epoch).
+    head_views: int = 8
+    feature_cache_mb: int = 2048  # most memory for cached features: fewer views, or streaming, beyond it
+    feature_cache_dtype: str = "float16"  # MobileNetV2's features are ReLU6 outputs, 0..6
+    loaders: int = 0  # data-loading threads; 0: threads.thread_plan() for this machine (not recorded)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -147,67 +161,165 @@ def _load(image: LabelledImage) -> Image.Image:
         return handle.convert("RGB")
 
 
-def _batches(items: list[LabelledImage], index: dict[str, int], config: TrainingConfig, *, train: bool):
+class _Views:
+    """Training views of ``items``: view ``v`` of the item at position ``p`` is a pure function of
+    (seed, phase, v, p), whichever batch, epoch or thread makes it. So the head phase can run each
+    view through the frozen backbone once and reuse the features, and get what streaming gets."""
+
+    def __init__(self, items: list[LabelledImage], config: TrainingConfig, phase: int) -> None:
+        self.items, self.config, self.phase = items, config, phase
+        self.by_label: dict[str, list[LabelledImage]] = defaultdict(list)
+        for item in items:
+            self.by_label[item.label].append(item)
+
+    def image(self, position: int, view: int) -> Image.Image:
+        config, item = self.config, self.items[position]
+        picture = _load(item)
+        if not config.augment:
+            return picture
+        rng = np.random.default_rng([config.seed, self.phase, view, position])
+        if config.recipe == "v2":
+            return augment(picture, rng, config.scale_jitter, config.stain_sigma)
+        mates = self.by_label[item.label]
+
+        def same_class() -> tuple[Image.Image, float]:
+            mate = mates[int(rng.integers(0, len(mates)))]
+            return _load(mate), mate.um_per_px or config.um_per_px
+
+        return augment_lab(
+            picture,
+            rng,
+            um_per_px=item.um_per_px,
+            model_um_per_px=config.um_per_px,
+            size=config.input_size,
+            same_class=same_class,
+            zoom=config.zoom_um_per_px,
+            stain_intensity=config.stain_intensity,
+            jpeg_quality=config.jpeg_quality,
+        )
+
+    def batch(self, positions, view: int) -> np.ndarray:
+        """Model input (n, size, size, 3) of view ``view`` of the items at ``positions``."""
+        return preprocess([self.image(int(p), view) for p in positions], self.config.input_size)
+
+
+def _batches(
+    items: list[LabelledImage],
+    index: dict[str, int],
+    config: TrainingConfig,
+    inputs: Callable[[np.ndarray, int], np.ndarray],
+    *,
+    train: bool,
+    phase: int = 0,
+    workers: int = 1,
+):
+    """A Keras PyDataset of (inputs, labels, weights) batches; (inputs, labels) when not ``train``.
+
+    ``inputs(positions, epoch)`` makes the model inputs of the items at those positions: images
+    streamed from disk, or cached backbone features. A training epoch visits the items in a seeded
+    order of its own; classes are weighted by inverse frequency. ``workers`` threads make batches
+    ahead of the model.
+    """
     import keras
 
-    class PatchBatches(keras.utils.PyDataset):
-        """Streams (images, labels, weights) from disk; a training epoch reshuffles and augments."""
+    counts = Counter(i.label for i in items)
+    class_weight = {c: len(items) / (len(counts) * n) for c, n in counts.items()}
+    labels = np.array([index[i.label] for i in items], dtype=np.int32)
+    weights = np.array([class_weight[i.label] for i in items], dtype=np.float32)
 
+    class Batches(keras.utils.PyDataset):
         def __init__(self) -> None:
-            super().__init__(workers=2 if train else 1, use_multiprocessing=False)
-            self.epoch = 0
-            counts = Counter(i.label for i in items)
-            self.class_weight = {c: len(items) / (len(counts) * n) for c, n in counts.items()}
-            self.order = list(range(len(items)))
-            self.by_label: dict[str, list[LabelledImage]] = defaultdict(list)
-            for item in items:
-                self.by_label[item.label].append(item)
-            self._shuffle()
+            super().__init__(workers=workers, use_multiprocessing=False)
+            self.lock = threading.Lock()
+            self.counting = False
+            self.requests = [0] * len(self)  # how often each batch was asked for: its epoch
+            self.orders: dict[int, np.ndarray] = {}
 
-        def _shuffle(self) -> None:
-            if train:
-                self.order = list(np.random.default_rng([config.seed, self.epoch]).permutation(len(items)))
+        def _order(self, epoch: int) -> np.ndarray:
+            if not train:
+                return np.arange(len(items))
+            if epoch not in self.orders:
+                self.orders[epoch] = np.random.default_rng([config.seed, phase, epoch]).permutation(len(items))
+            return self.orders[epoch]
 
         def __len__(self) -> int:
             return math.ceil(len(items) / config.batch_size)
 
         def __getitem__(self, batch: int):
-            chosen = [items[i] for i in self.order[batch * config.batch_size : (batch + 1) * config.batch_size]]
-            rng = np.random.default_rng([config.seed, self.epoch, batch])
-            pictures = [_load(i) for i in chosen]
-            if train and config.augment and config.recipe == "v2":
-                pictures = [augment(p, rng, config.scale_jitter, config.stain_sigma) for p in pictures]
-            elif train and config.augment:
-                pictures = [self._lab_view(p, i, rng) for p, i in zip(pictures, chosen, strict=True)]
-            x = preprocess(pictures, config.input_size)
-            y = np.array([index[i.label] for i in chosen], dtype=np.int32)
-            w = np.array([self.class_weight[i.label] for i in chosen], dtype=np.float32)
-            return (x, y, w) if train else (x, y)
+            # Keras asks for each batch once an epoch, but may prefetch the next epoch's first
+            # batches before it calls on_epoch_end: the epoch is counted per batch instead.
+            with self.lock:
+                epoch = self.requests[batch]
+                if self.counting:
+                    self.requests[batch] += 1
+                order = self._order(epoch)
+            chosen = order[batch * config.batch_size : (batch + 1) * config.batch_size]
+            x = inputs(chosen, epoch)
+            return (x, labels[chosen], weights[chosen]) if train else (x, labels[chosen])
 
-        def _lab_view(self, picture: Image.Image, item: LabelledImage, rng: np.random.Generator) -> Image.Image:
-            mates = self.by_label[item.label]
+        def on_epoch_begin(self) -> None:
+            self.counting = True  # earlier requests were Keras sampling batches for their shapes
 
-            def same_class() -> tuple[Image.Image, float]:
-                mate = mates[int(rng.integers(0, len(mates)))]
-                return _load(mate), mate.um_per_px or config.um_per_px
+    return Batches()
 
-            return augment_lab(
-                picture,
-                rng,
-                um_per_px=item.um_per_px,
-                model_um_per_px=config.um_per_px,
-                size=config.input_size,
-                same_class=same_class,
-                zoom=config.zoom_um_per_px,
-                stain_intensity=config.stain_intensity,
-                jpeg_quality=config.jpeg_quality,
-            )
 
-        def on_epoch_end(self) -> None:
-            self.epoch += 1
-            self._shuffle()
+def head_view_count(config: TrainingConfig, train_images: int, val_images: int, feature_bytes: int) -> int:
+    """Augmented views per training image to cache for the head phase (0: stream instead).
 
-    return PatchBatches()
+    As many as ``config.head_views`` asks, no more than there are head epochs (one view per image
+    is enough without augmentation), and no more than fit in ``config.feature_cache_mb`` together
+    with the validation features.
+
+    Args:
+        feature_bytes: bytes of one image's cached feature map.
+    """
+    if config.head_views <= 0 or config.head_epochs <= 0 or not train_images:
+        return 0
+    wanted = min(config.head_views, config.head_epochs) if config.augment else 1
+    room = config.feature_cache_mb * 2**20 - val_images * feature_bytes
+    return max(0, min(wanted, room // (train_images * feature_bytes)))
+
+
+def backbone_features(
+    backbone,
+    views: _Views,
+    view_count: int,
+    *,
+    dtype: str,
+    workers: int,
+    progress: Callable[[str], None] | None = None,
+) -> np.ndarray:
+    """Feature maps of views 0..view_count-1 of every item, each through the backbone once.
+
+    Batches are made by ``workers`` threads while the backbone runs (inference mode: batch-norm
+    uses its stored statistics, so a view's features do not depend on its batch).
+
+    Returns:
+        Array (view_count, items, h, w, channels) of ``dtype``; for MobileNetV2 at 224 px
+        h = w = 7, channels 1280.
+    """
+    count, size = len(views.items), views.config.batch_size
+    shape = tuple(int(d) for d in backbone.output.shape[1:])
+    out = np.empty((view_count, count, *shape), dtype=dtype)
+    jobs = [(view, start) for view in range(view_count) for start in range(0, count, size)]
+    started = time.monotonic()
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="views") as pool:
+        pending: deque = deque()
+
+        def finish_one() -> None:
+            (view, start), made = pending.popleft()
+            batch = made.result()
+            out[view, start : start + len(batch)] = backbone.predict_on_batch(batch)
+            if progress and start + size >= count:
+                progress(f"  features of view {view + 1}/{view_count} ({time.monotonic() - started:.0f} s)")
+
+        for view, start in jobs:
+            pending.append(((view, start), pool.submit(views.batch, range(start, min(start + size, count)), view)))
+            if len(pending) > 2 * workers:  # a few batches ahead, not the whole set in memory
+                finish_one()
+        while pending:
+            finish_one()
+    return out
 
 
 def build_networks(config: TrainingConfig):
@@ -240,6 +352,21 @@ def load_networks(directory: str | Path):
     if len(backbones) != 1:
         raise ValueError(f"{directory}: expected one backbone network inside the model, found {len(backbones)}")
     return serving, training, backbones[0]
+
+
+def _head_network(training, backbone):
+    """The layers after the backbone (dropout, class map, pooling) as a model on feature maps.
+
+    It shares their weights with ``training``: fitting it on cached features trains the head of
+    the full network.
+    """
+    import keras
+
+    layers = training.layers
+    after = layers[layers.index(backbone) + 1]
+    if tuple(after.input.shape[1:]) != tuple(backbone.output.shape[1:]):
+        raise ValueError("the head does not take the backbone's feature map")
+    return keras.Model(after.input, training.output, name="head")
 
 
 def _logits(model, items: list[LabelledImage], config: TrainingConfig) -> np.ndarray:
@@ -279,33 +406,78 @@ def fit(
     monitor = "val_loss" if val else "loss"
     history: dict[str, list[float]] = {}
 
-    def run_phase(label: str, epochs: int, learning_rate: float) -> None:
-        if epochs <= 0:
-            return
-        training.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
+    workers = config.loaders or thread_plan().loaders
+
+    def run_phase(label: str, model, epochs: int, learning_rate: float, *, train_data, val_data) -> None:
+        model.compile(optimizer=keras.optimizers.Adam(learning_rate), loss=loss, metrics=["accuracy"])
         stop = keras.callbacks.EarlyStopping(monitor=monitor, patience=config.patience, restore_best_weights=True)
         progress(f"{label}: up to {epochs} epochs at learning rate {learning_rate:g}")
         started = time.monotonic()
-        result = training.fit(
-            _batches(train, index, config, train=True),
-            validation_data=_batches(val, index, config, train=False) if val else None,
-            epochs=epochs,
-            callbacks=[stop],
-            verbose=verbose,
-        )
+        result = model.fit(train_data, validation_data=val_data, epochs=epochs, callbacks=[stop], verbose=verbose)
         for key, values in result.history.items():
             history[f"{label}_{key}"] = [round(float(v), 5) for v in values]
         progress(f"{label}: {len(result.history['loss'])} epochs in {time.monotonic() - started:.0f} s")
 
+    val_views = _Views(val, replace(config, augment=False), phase=0)
     backbone.trainable = False
-    run_phase("head", config.head_epochs, config.head_learning_rate)
+    head_features: dict[str, Any] = {"views": 0}
+    if config.head_epochs > 0:
+        views = _Views(train, config, phase=0)
+        feature_shape = tuple(int(d) for d in backbone.output.shape[1:])
+        feature_bytes = math.prod(feature_shape) * np.dtype(config.feature_cache_dtype).itemsize
+        count = head_view_count(config, len(train), len(val), feature_bytes)
+        if count:
+            megabytes = round((count * len(train) + len(val)) * feature_bytes / 2**20)
+            head_features = {"views": count, "dtype": config.feature_cache_dtype, "megabytes": megabytes}
+            progress(
+                f"head: backbone features of {count} view(s) of each training image, computed once "
+                f"({megabytes} MB of {config.feature_cache_dtype} {'x'.join(map(str, feature_shape))} maps)"
+            )
+            started = time.monotonic()
+            cached = backbone_features(
+                backbone, views, count, dtype=config.feature_cache_dtype, workers=workers, progress=progress
+            )
+            cached_val = backbone_features(backbone, val_views, 1, dtype=config.feature_cache_dtype, workers=workers)[0]
+            head_features["seconds"] = round(time.monotonic() - started, 1)
+            run_phase(
+                "head",
+                _head_network(training, backbone),
+                config.head_epochs,
+                config.head_learning_rate,
+                train_data=_batches(
+                    train, index, config, lambda p, e: cached[e % count, p].astype(np.float32), train=True
+                ),
+                val_data=_batches(val, index, config, lambda p, e: cached_val[p].astype(np.float32), train=False)
+                if val
+                else None,
+            )
+            del cached, cached_val
+        else:
+            progress(f"head: features not cached (head_views {config.head_views}, limit {config.feature_cache_mb} MB)")
+            run_phase(
+                "head",
+                training,
+                config.head_epochs,
+                config.head_learning_rate,
+                train_data=_batches(train, index, config, views.batch, train=True, workers=workers),
+                val_data=_batches(val, index, config, lambda p, e: val_views.batch(p, 0), train=False) if val else None,
+            )
     backbone.trainable = True
     trainable = False
     for layer in backbone.layers:
         trainable = trainable or layer.name.startswith(config.fine_tune_from)
         # Batch-norm statistics stay as learnt on ImageNet: small batches would spoil them.
         layer.trainable = trainable and not isinstance(layer, keras.layers.BatchNormalization)
-    run_phase("fine_tune", config.fine_tune_epochs, config.fine_tune_learning_rate)
+    if config.fine_tune_epochs > 0:
+        tune_views = _Views(train, config, phase=1)  # views of their own, not the head phase's again
+        run_phase(
+            "fine_tune",
+            training,
+            config.fine_tune_epochs,
+            config.fine_tune_learning_rate,
+            train_data=_batches(train, index, config, tune_views.batch, train=True, phase=1, workers=workers),
+            val_data=_batches(val, index, config, lambda p, e: val_views.batch(p, 0), train=False) if val else None,
+        )
     backbone.trainable = False
 
     val_logits = _logits(training, val, config)
@@ -319,6 +491,7 @@ def fit(
         "split": {"train": len(train), "validation": len(val), "test": len(test)},
         "test_files": sorted(f"{i.source}/{i.path.parent.name}/{i.path.name}" for i in test),
         "history": history,
+        "head_features": head_features,
         "calibration": calibration,
     }
     if test:
@@ -389,9 +562,10 @@ def train_classifier(
             },
             "weights": _weights_name(config),
             "weights_sha256": None if config.init_from or config.weights == "imagenet" else file_sha256(config.weights),
-            "config": {k: v for k, v in asdict(config).items() if k not in {"classes", "weights", "extra"}},
+            "config": {k: v for k, v in asdict(config).items() if k not in {"classes", "weights", "extra", "loaders"}},
             "augmentation": augmentation_summary(config),
             "history": facts["history"],
+            "head_features": facts["head_features"],
             "seconds": round(time.monotonic() - started, 1),
             "keras": keras.__version__,
             "python": platform.python_version(),

@@ -6,6 +6,7 @@ from django.core.management.base import BaseCommand, CommandError
 
 from inference.core.datasets import CANONICAL_CLASSES, DEMO_SOURCES, DEMO_WEIGHTS, scan_folder
 from inference.core.model import file_sha256
+from inference.core.threads import available_cpus, configure_threads, thread_plan
 from inference.core.training import (
     TrainingConfig,
     default_operating_point,
@@ -76,6 +77,28 @@ class Command(BaseCommand):
             type=float,
             help="Phase 2 learning rate (default 1e-4; 2e-5 with --init-from).",
         )
+        parser.add_argument(
+            "--head-views",
+            type=int,
+            default=8,
+            help="Augmented views per training image whose backbone features are computed once for the head "
+            "phase and cycled over its epochs (0: run the backbone on a new view every epoch; at least --epochs: a "
+            "new view every epoch, cached).",
+        )
+        parser.add_argument(
+            "--feature-cache-mb",
+            type=int,
+            default=2048,
+            help="Most memory for those cached features (float16 7x7x1280 maps, 125 KB a view); fewer views fit "
+            "beyond it, and the head phase streams when not even one does.",
+        )
+        parser.add_argument(
+            "--threads",
+            type=int,
+            help=f"CPU cores to use (default: those this process may run on, {available_cpus()} here): one "
+            "data-loading thread a core, TensorFlow half of them, BLAS/OpenMP single-threaded.",
+        )
+        parser.add_argument("--loaders", type=int, help="Data-loading (augmentation) threads (default: one a core).")
         parser.add_argument("--name", default="tissue-mobilenetv2")
         parser.add_argument("--model-version", default="1")
         parser.add_argument("--out", required=True, help="Output model directory.")
@@ -98,11 +121,16 @@ class Command(BaseCommand):
             raise CommandError("--epochs must be at least 1 and --fine-tune-epochs at least 0")
         if not (0 <= opts["test_fraction"] < 0.5 and 0 <= opts["val_fraction"] < 0.5):
             raise CommandError("--test-fraction and --val-fraction must be between 0 and 0.5")
+        if opts["head_views"] < 0 or opts["feature_cache_mb"] < 0:
+            raise CommandError("--head-views and --feature-cache-mb must be at least 0")
+        if any(opts[name] is not None and opts[name] < 1 for name in ("threads", "loaders")):
+            raise CommandError("--threads and --loaders must be at least 1")
         parent = _parent(opts["init_from"]) if opts["init_from"] else None
         if parent is not None:
             if opts["classes"].strip().lower() != "all" and tuple(classes) != tuple(parent["classes"]):
                 raise CommandError(f"--classes must be the parent's ({', '.join(parent['classes'])}) with --init-from")
             classes = tuple(parent["classes"])
+        plan = thread_plan(opts["threads"], opts["loaders"])
         images = []
         for root in data:
             try:
@@ -127,12 +155,21 @@ class Command(BaseCommand):
             init_from=str(parent["directory"]) if parent else None,
             head_learning_rate=opts["head_learning_rate"] or (2e-4 if parent else 2e-3),
             fine_tune_learning_rate=opts["fine_tune_learning_rate"] or (2e-5 if parent else 1e-4),
+            head_views=opts["head_views"],
+            feature_cache_mb=opts["feature_cache_mb"],
+            loaders=plan.loaders,
             extra={"lineage": _lineage(parent, images)} if parent else {},
         )
 
         def say(line: str) -> None:
             self.stdout.write(line)
             self.stdout.flush()
+
+        applied = configure_threads(plan)
+        say(
+            f"threads: {plan.cpus} cores, {plan.loaders} data-loading, TensorFlow {plan.intra_op} intra-op / "
+            f"{plan.inter_op} inter-op{'' if applied['tensorflow'] else ' (not applied: TensorFlow already running)'}"
+        )
 
         try:
             if opts["leave_one_dataset_out"]:
