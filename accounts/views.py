@@ -7,7 +7,8 @@ from base64 import b32encode
 from django.contrib.auth.decorators import login_required
 from django.http import HttpResponse
 from django.shortcuts import redirect, render
-from django.utils.http import url_has_allowed_host_and_scheme
+from django.urls import reverse
+from django.utils.http import url_has_allowed_host_and_scheme, urlencode
 from django.views.decorators.http import require_GET, require_http_methods, require_POST
 
 from accounts.mfa import (
@@ -36,7 +37,7 @@ def two_factor(request):
     if mfa_passed(request):
         return redirect(_next_url(request))
     if authenticator_confirmed(request.user) is None:
-        return redirect(f"{_enrol_url()}?next={_next_url(request)}")
+        return redirect(f"{reverse('accounts:two-factor-enrol')}?{urlencode({'next': _next_url(request)})}")
     error = ""
     if request.method == "POST":
         error = second_factor_check(request=request, code=request.POST.get("code", ""))
@@ -47,19 +48,13 @@ def two_factor(request):
     )
 
 
-def _enrol_url() -> str:
-    from django.urls import reverse
-
-    return reverse("accounts:two-factor-enrol")
-
-
 @login_required
 @require_http_methods(["GET", "POST"])
 def two_factor_enrol(request):
     """Set up the authenticator app: scan the QR code, confirm with the first code."""
     if authenticator_confirmed(request.user) is not None and not mfa_passed(request):
         # Replacing an enrolled authenticator needs the old one (or a recovery code) first.
-        return redirect(f"{_two_factor_url()}?next={_next_url(request)}")
+        return redirect(f"{reverse('accounts:two-factor')}?{urlencode({'next': _next_url(request)})}")
     device = enrolment_device(request.user)
     error = ""
     if request.method == "POST":
@@ -77,12 +72,6 @@ def two_factor_enrol(request):
     return render(request, "accounts/two_factor_enrol.html", context, status=400 if error else 200)
 
 
-def _two_factor_url() -> str:
-    from django.urls import reverse
-
-    return reverse("accounts:two-factor")
-
-
 def _recovery_codes_page(request, codes: list[str]) -> HttpResponse:
     return render(request, "accounts/recovery_codes.html", {"codes": codes, "next": _next_url(request)})
 
@@ -92,7 +81,7 @@ def _recovery_codes_page(request, codes: list[str]) -> HttpResponse:
 def recovery_codes_renew(request):
     """New recovery codes (the old ones stop working); only for a session that passed its second factor."""
     if not mfa_passed(request):
-        return redirect(_two_factor_url())
+        return redirect(reverse("accounts:two-factor"))
     return _recovery_codes_page(request, recovery_codes_create(user=request.user, request=request))
 
 
@@ -108,8 +97,6 @@ def admin_login(request):
     """The admin's login page sends to the one login page (lockout and second factor apply there);
     a signed-in user without admin access is told so instead of being sent round in a loop."""
     from django.core.exceptions import PermissionDenied
-    from django.urls import reverse
-    from django.utils.http import urlencode
 
     if request.user.is_authenticated:
         raise PermissionDenied("Your account has no access to the administration pages.")

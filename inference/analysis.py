@@ -139,14 +139,11 @@ def _store(outcomes: list[tuple[TissuePatch, PatchOutcome]], version: ModelVersi
         list(BiopsyCase.objects.select_for_update().filter(pk__in=case_ids).order_by("pk"))
         # Rows still claimed by this run (the reconciler may have handed a slow one to another worker),
         # and every analysed patch's status now, for the audit trail's "before".
-        statuses = dict(
-            TissuePatch.objects.filter(pk__in=[patch.pk for patch, _ in outcomes]).values_list("pk", "status")
+        rows = TissuePatch.objects.filter(pk__in=[patch.pk for patch, _ in outcomes]).values_list(
+            "pk", "status", "claim_token"
         )
-        mine = set(
-            TissuePatch.objects.filter(pk__in=[p.pk for p, _ in refused], claim_token=token).values_list(
-                "pk", flat=True
-            )
-        )
+        statuses = {pk: status for pk, status, _ in rows}
+        mine = {pk for pk, _, claim in rows if claim == token}
         events: list[dict] = []
         failures = [(patch, outcome) for patch, outcome in refused if patch.pk in mine]
         for patch, outcome in failures:
