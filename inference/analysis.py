@@ -27,6 +27,7 @@ from inference.core.pipeline import PatchOutcome
 from inference.models import ModelVersion, Prediction
 from inference.registry import ModelUnavailable, model_load_active
 from inference.selectors import operating_point
+from inference.writer import write_behind
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,8 @@ def prediction_run(*, patch_ids: list[int]) -> dict[str, int]:
         outcomes = _analyse(patches[start : start + size], loaded)
         for _, outcome in outcomes:
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
-        _store(outcomes, version, token)
+        # Stored on the writer thread in a worker process, while the next batch is analysed.
+        write_behind(_store, outcomes=outcomes, version=version, token=token)
     return counts
 
 

@@ -9,10 +9,12 @@ from __future__ import annotations
 import logging
 import threading
 
-from celery.signals import worker_ready, worker_shutdown
+from celery.signals import worker_init, worker_process_shutdown, worker_ready, worker_shutdown
 from django.conf import settings
 from django.db import close_old_connections, connection
 from django.utils import timezone
+
+from inference.writer import write_behind_start, write_behind_stop
 
 logger = logging.getLogger(__name__)
 _stop = threading.Event()
@@ -44,3 +46,20 @@ def _start_heartbeat(sender=None, **kwargs) -> None:
 @worker_shutdown.connect
 def _stop_heartbeat(sender=None, **kwargs) -> None:
     _stop.set()
+
+
+@worker_init.connect
+def _start_write_behind(sender=None, **kwargs) -> None:
+    """Worker processes store analysed batches while they analyse the next (inference/writer.py);
+    the pool's processes, forked from this one, inherit the setting."""
+    write_behind_start()
+
+
+@worker_process_shutdown.connect
+def _stop_write_behind(sender=None, **kwargs) -> None:
+    write_behind_stop()  # a pool process's warm shutdown stores what it has analysed
+
+
+@worker_shutdown.connect
+def _stop_write_behind_solo(sender=None, **kwargs) -> None:
+    write_behind_stop()  # the solo and threads pools analyse in the main process
