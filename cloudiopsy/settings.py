@@ -247,8 +247,10 @@ INFERENCE_THREADS = env_int("INFERENCE_THREADS", 0)
 # brought fewer than INFERENCE_BATCH_SIZE: full batches under a stream of single-patch uploads.
 ANALYSIS_COALESCE = env_bool("ANALYSIS_COALESCE", True)
 # A worker process stores a batch's results on a thread of its own while it analyses the next one
-# (inference/writer.py); at most ANALYSIS_WRITE_BEHIND_DEPTH batches wait to be stored.
-ANALYSIS_WRITE_BEHIND = env_bool("ANALYSIS_WRITE_BEHIND", True)
+# (inference/writer.py); at most ANALYSIS_WRITE_BEHIND_DEPTH batches wait to be stored. Off by
+# default: on 2 cores it drained a backlog up to a quarter faster but, with each worker then using
+# more than one core, two workers scaled worse and the latency tail under load grew (README).
+ANALYSIS_WRITE_BEHIND = env_bool("ANALYSIS_WRITE_BEHIND", False)
 ANALYSIS_WRITE_BEHIND_DEPTH = env_int("ANALYSIS_WRITE_BEHIND_DEPTH", 1)
 # A patch queued or running for longer than this is re-enqueued by the reconciler; it must be
 # longer than the task's hard time limit so that a live task is never taken for a lost one.
