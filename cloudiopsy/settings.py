@@ -255,7 +255,11 @@ ANALYSIS_WRITE_BEHIND_DEPTH = env_int("ANALYSIS_WRITE_BEHIND_DEPTH", 1)
 # A patch queued or running for longer than this is re-enqueued by the reconciler; it must be
 # longer than the task's hard time limit so that a live task is never taken for a lost one.
 ANALYSIS_STALE_AFTER_SECONDS = env_int("ANALYSIS_STALE_AFTER_SECONDS", 600)
-RECONCILE_INTERVAL_SECONDS = env_int("RECONCILE_INTERVAL_SECONDS", 60)
+# A patch queued longer than this while the broker holds no analysis message lost its message (a
+# broker flushed or restarted without persistence): the reconciler sends it again. With the
+# reconciler every RECONCILE_INTERVAL_SECONDS, analysis resumes within about their sum.
+ANALYSIS_REQUEUE_AFTER_SECONDS = env_int("ANALYSIS_REQUEUE_AFTER_SECONDS", 45)
+RECONCILE_INTERVAL_SECONDS = env_int("RECONCILE_INTERVAL_SECONDS", 30)
 WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 10)
 
 # Trust at each site. A model version's results count as validated at an institution only after a

@@ -258,12 +258,20 @@ def case_status_refresh(*, case_ids: list[int]) -> None:
         events_for_cases(case_ids=moved, event=WebhookEndpoint.Event.CASE_READY)
 
 
-def analysis_reconcile(*, stale_after: timedelta | None = None) -> dict[str, int]:
+def analysis_reconcile(*, stale_after: timedelta | None = None, broker_waiting: int | None = None) -> dict[str, int]:
     """Re-enqueue patches whose analysis was lost (message lost, worker killed).
 
-    A patch RUNNING or QUEUED for longer than ``stale_after`` (default
-    ANALYSIS_STALE_AFTER_SECONDS) is queued again; after MAX_ATTEMPTS claims it is marked failed,
-    so nothing stays pending for ever.
+    - A patch RUNNING for longer than ``stale_after`` (default ANALYSIS_STALE_AFTER_SECONDS) lost its
+      worker: it is queued again, or after MAX_ATTEMPTS claims marked failed, so nothing stays
+      pending for ever.
+    - A patch QUEUED for longer than ``stale_after`` is sent again.
+    - A patch QUEUED for longer than ANALYSIS_REQUEUE_AFTER_SECONDS while the broker holds no
+      analysis message (``broker_waiting`` == 0, as the task finds it) lost its message to a broker
+      flush or restart: it is sent again at once rather than after the long timeout. When the
+      broker still holds messages, the workers are behind, not stuck, and nothing is re-sent.
+
+    A re-sent patch's ``enqueued_at`` is reset, so it is sent at most once per interval; a duplicate
+    message finds the patch claimed and does nothing.
     """
     from cases.signals import patches_queued
 
@@ -271,6 +279,9 @@ def analysis_reconcile(*, stale_after: timedelta | None = None) -> dict[str, int
         stale_after = timedelta(seconds=settings.ANALYSIS_STALE_AFTER_SECONDS)
     now = timezone.now()
     cutoff = now - stale_after
+    lost_cutoff = cutoff
+    if broker_waiting == 0:
+        lost_cutoff = max(cutoff, now - timedelta(seconds=settings.ANALYSIS_REQUEUE_AFTER_SECONDS))
     with transaction.atomic():
         running = TissuePatch.objects.filter(status=TissuePatch.Status.RUNNING, claimed_at__lt=cutoff)
         exhausted_patches = list(running.filter(attempts__gte=MAX_ATTEMPTS).select_related("case"))
@@ -301,13 +312,14 @@ def analysis_reconcile(*, stale_after: timedelta | None = None) -> dict[str, int
         TissuePatch.objects.filter(id__in=requeued_running, status=TissuePatch.Status.RUNNING).update(
             status=TissuePatch.Status.QUEUED, claim_token=None, enqueued_at=now
         )
+        # Oldest first, urgent cases first: the order the workers' claims take them in.
         lost = list(
-            TissuePatch.objects.filter(status=TissuePatch.Status.QUEUED, enqueued_at__lt=cutoff).values_list(
-                "id", flat=True
-            )
+            TissuePatch.objects.filter(status=TissuePatch.Status.QUEUED, enqueued_at__lt=lost_cutoff)
+            .order_by(Case(When(case__priority=BiopsyCase.Priority.URGENT, then=0), default=1), "enqueued_at", "pk")
+            .values_list("id", flat=True)
         )
         TissuePatch.objects.filter(id__in=lost).update(enqueued_at=now)
-        to_send = sorted(set(requeued_running) | set(lost))
+        to_send = [*requeued_running, *lost]  # the re-queued running ones were just stamped: not in lost
         if exhausted:
             case_status_refresh(case_ids=sorted(set(exhausted)))
         transaction.on_commit(lambda: patches_queued.send(sender=TissuePatch, patch_ids=to_send))

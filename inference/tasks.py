@@ -20,7 +20,26 @@ def prediction_run(patch_ids: list[int]) -> dict[str, int]:
 
 @shared_task(name="inference.tasks.analysis_reconcile", acks_late=False)
 def analysis_reconcile() -> dict[str, int]:
-    return analysis.analysis_reconcile()
+    return analysis.analysis_reconcile(broker_waiting=broker_waiting(settings.CELERY_TASK_DEFAULT_QUEUE))
+
+
+def broker_waiting(queue: str) -> int | None:
+    """Messages waiting in ``queue`` on the broker (Redis or RabbitMQ), or None if it cannot say.
+
+    A queue the broker does not know is empty: Redis drops an empty list's key.
+    """
+    from celery import current_app
+    from kombu.exceptions import ChannelError, OperationalError
+
+    with current_app.connection_for_read() as connection:
+        try:
+            connection.ensure_connection(max_retries=1)
+            return int(connection.default_channel.queue_declare(queue=queue, passive=True).message_count)
+        except (ChannelError, *connection.channel_errors):
+            return 0  # no such queue: nothing waiting
+        except (OperationalError, *connection.connection_errors) as exc:
+            logger.warning("cannot read the depth of queue %s from the broker: %s", queue, exc)
+            return None
 
 
 @receiver(patches_queued, dispatch_uid="inference.tasks.analysis_enqueue")

@@ -12,7 +12,7 @@ from cases.models import BiopsyCase, TissuePatch
 from cases.services import patch_upload
 from inference import services
 from inference.models import ModelVersion, Prediction
-from tests.conftest import fixture_patch, png_bytes
+from tests.conftest import fixture_patch, new_case, png_bytes
 
 pytestmark = pytest.mark.django_db
 
@@ -149,6 +149,37 @@ def test_reconciler_enqueues_after_commit(case, clinician, sent, django_capture_
     with django_capture_on_commit_callbacks(execute=True):
         services.analysis_reconcile()
     assert sent == [[patch.pk]]
+
+
+@pytest.mark.parametrize(
+    ("waited_s", "broker_waiting", "requeued"),
+    [
+        (60, 0, 1),  # the broker lost its message: sent again after ANALYSIS_REQUEUE_AFTER_SECONDS
+        (60, 5, 0),  # messages still wait on the broker: the workers are behind, not stuck
+        (60, None, 0),  # the broker cannot say: only the long timeout applies
+        (20, 0, 0),  # not waiting long enough yet
+        (3600, 5, 1),  # past ANALYSIS_STALE_AFTER_SECONDS, whatever the broker says
+    ],
+)
+def test_reconciler_resends_patches_whose_message_the_broker_lost(
+    case, clinician, sent, settings, django_capture_on_commit_callbacks, waited_s, broker_waiting, requeued
+):
+    settings.ANALYSIS_REQUEUE_AFTER_SECONDS = 45
+    urgent_case = new_case(clinician, "URG-1", "M-URG")
+    BiopsyCase.objects.filter(pk=urgent_case.pk).update(priority=BiopsyCase.Priority.URGENT)
+    (routine,) = upload(case, clinician, ["NORM-TCGA-CWFDHWAH.png"])
+    (urgent,) = upload(urgent_case, clinician, ["TUM-TCGA-KECNIDCQ.png"])
+    waited = timezone.now() - datetime.timedelta(seconds=waited_s)
+    TissuePatch.objects.filter(pk=routine.pk).update(enqueued_at=waited - datetime.timedelta(seconds=1))
+    TissuePatch.objects.filter(pk=urgent.pk).update(enqueued_at=waited)
+    sent.clear()
+    with django_capture_on_commit_callbacks(execute=True):
+        result = services.analysis_reconcile(broker_waiting=broker_waiting)
+    assert result == {"requeued": 2 * requeued, "failed": 0}
+    # Urgent first, then the longest waiting; each re-sent patch waits a new interval before the next.
+    assert sent == ([[urgent.pk, routine.pk]] if requeued else [])
+    if requeued:
+        assert services.analysis_reconcile(broker_waiting=0) == {"requeued": 0, "failed": 0}
 
 
 def test_reconciler_fails_patch_after_max_attempts_and_case_moves_on(case, clinician, sent):
