@@ -428,7 +428,13 @@ class CasePatchUpload(APIView):
                 "PatchUpload", {"image": serializers.ListField(child=serializers.FileField())}
             )
         },
-        responses={202: UPLOAD_RESULT, **ERRORS},
+        responses={
+            202: UPLOAD_RESULT,
+            **ERRORS,
+            413: OpenApiResponse(PROBLEM, description="The request is larger than the platform accepts."),
+            503: OpenApiResponse(PROBLEM, description="The image store cannot be written to now; nothing was stored."),
+            507: OpenApiResponse(PROBLEM, description="The image store is full; nothing was stored."),
+        },
     )
     def post(self, request, pk: int):
         case = cases_visible_to(principal=request.user).filter(pk=pk).first()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import errno
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -24,6 +25,48 @@ logger = logging.getLogger(__name__)
 
 class CaseError(ValueError):
     """A request that cannot be carried out; the message is for the user."""
+
+
+class StorageUnavailable(CaseError):
+    """The image store refused a write: full or over quota (``full``, HTTP 507), or unreachable
+    (HTTP 503). Nothing of the upload is kept."""
+
+    def __init__(self, message: str, *, full: bool):
+        super().__init__(message)
+        self.full = full
+
+    @property
+    def status_code(self) -> int:
+        return 507 if self.full else 503
+
+
+def _stored(name: str, data: bytes) -> str:
+    """Write one image to storage; a write that fails leaves nothing behind and says why."""
+    try:
+        return default_storage.save(name, ContentFile(data))
+    except Exception as exc:  # the storage's own errors: OSError on disk, botocore's on S3
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        logger.error("storing an uploaded image as %s failed: %s", name, exc)
+        _discard(name)  # a file cut short by a full disk
+        if full:
+            raise StorageUnavailable(
+                "the image store is full: nothing from this upload was stored. Tell the platform's "
+                "administrators; try again once space has been freed.",
+                full=True,
+            ) from exc
+        raise StorageUnavailable(
+            "the image store cannot be written to right now: nothing from this upload was stored. "
+            "Try again in a few minutes.",
+            full=False,
+        ) from exc
+
+
+def _discard(name: str) -> None:
+    try:
+        if default_storage.exists(name):
+            default_storage.delete(name)
+    except Exception as exc:
+        logger.error("could not remove %s from storage after a failed upload: %s", name, exc)
 
 
 class NoValidImage(CaseError):
@@ -153,9 +196,7 @@ def patch_upload(
             except UploadRejected as exc:
                 rejected.append((name, str(exc)))
                 continue
-            saved_name = default_storage.save(
-                TissuePatch.new_storage_name(case.institution_id), ContentFile(image.stored_bytes)
-            )
+            saved_name = _stored(TissuePatch.new_storage_name(case.institution_id), image.stored_bytes)
             written.append((image.without_pixels(), saved_name))
         if not received and not rejected:
             raise CaseError("no file was uploaded (form field 'image')")
@@ -209,6 +250,6 @@ def patch_upload(
             transaction.on_commit(lambda: patches_queued.send(sender=TissuePatch, patch_ids=ids))
     except BaseException:
         for _, saved_name in written:
-            default_storage.delete(saved_name)
+            _discard(saved_name)
         raise
     return UploadResult(patches=patches, rejected=rejected)

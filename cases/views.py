@@ -42,7 +42,7 @@ from cases.selectors import (
     with_ai_summary,
     worklist,
 )
-from cases.services import CaseError, NoValidImage, PatientData, case_create, patch_upload
+from cases.services import CaseError, NoValidImage, PatientData, StorageUnavailable, case_create, patch_upload
 from cases.uploads import read_uploads
 from cloudiopsy.charts import figure_response
 from inference.core.explain import render_heatmap
@@ -234,6 +234,8 @@ def case_upload(request, pk: int):
     except NoValidImage as exc:
         errors = [f"{name}: {reason}" for name, reason in exc.rejected] or [str(exc)]
         return _render_case(request, case, upload_errors=["Nothing was uploaded.", *errors])
+    except StorageUnavailable as exc:
+        return _render_case(request, case, upload_errors=[str(exc)], status=exc.status_code)
     except CaseError as exc:
         return _render_case(request, case, upload_errors=[str(exc)])
     messages.success(request, f"{len(result.patches)} patch(es) uploaded and queued for analysis.")

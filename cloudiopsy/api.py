@@ -18,7 +18,7 @@ from rest_framework.response import Response
 from rest_framework.throttling import SimpleRateThrottle
 from rest_framework.views import exception_handler as drf_exception_handler
 
-from cases.services import CaseError
+from cases.services import CaseError, StorageUnavailable
 
 PROBLEM_TYPE = "https://cloudiopsy.invalid/problems/"
 PROBLEM_CONTENT_TYPE = "application/problem+json"
@@ -46,6 +46,8 @@ def _first_message(errors) -> str:
 
 def exception_handler(exc, context):
     """DRF's handler with problem-details bodies; domain errors (CaseError) are 400s."""
+    if isinstance(exc, StorageUnavailable):
+        return problem_response(exc.status_code, str(exc), kind="storage-unavailable")
     if isinstance(exc, CaseError):
         return problem_response(400, str(exc), kind="invalid-request")
     response = drf_exception_handler(exc, context)
