@@ -324,6 +324,9 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     }
 else:
     # Redis redelivers an unacknowledged message after this; the reconciler usually acts first.
+# A worker silent this long (or restarted since it claimed them) lost the patches it was analysing:
+# the reconciler hands them on without waiting for ANALYSIS_STALE_AFTER_SECONDS.
+WORKER_LOST_AFTER_SECONDS = env_int("WORKER_LOST_AFTER_SECONDS", 3 * WORKER_HEARTBEAT_SECONDS)
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 2 * ANALYSIS_STALE_AFTER_SECONDS}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_SERIALIZER = "json"

@@ -16,7 +16,7 @@ from datetime import timedelta
 from django.conf import settings
 from django.core.files.storage import default_storage
 from django.db import IntegrityError, connection, transaction
-from django.db.models import Case, F, When
+from django.db.models import Case, F, Q, When
 from django.utils import timezone
 
 from audit.services import WORKER, audit_record_many
@@ -24,7 +24,7 @@ from cases.models import BiopsyCase, TissuePatch
 from inference.core import pipeline
 from inference.core.model import Predictor
 from inference.core.pipeline import PatchOutcome
-from inference.models import ModelVersion, Prediction
+from inference.models import AnalysisClaim, ModelVersion, Prediction, WorkerHeartbeat
 from inference.registry import ModelUnavailable, model_load_active
 from inference.selectors import operating_point
 from inference.writer import write_behind
@@ -34,9 +34,11 @@ logger = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 
 
-def prediction_run(*, patch_ids: list[int]) -> dict[str, int]:
+def prediction_run(*, patch_ids: list[int], worker: str = "") -> dict[str, int]:
     """Analyse the queued patches among ``patch_ids`` with the active model.
 
+    ``worker`` names the Celery worker running this (as its heartbeat does): the claim records it,
+    so that if the worker dies the reconciler hands its patches on within WORKER_LOST_AFTER_SECONDS.
     Returns counts of outcomes. Patches not QUEUED (done, or claimed by another worker) are skipped.
     """
     try:
@@ -49,6 +51,8 @@ def prediction_run(*, patch_ids: list[int]) -> dict[str, int]:
         if _claim(patch_ids, token) == 0:
             # 0 rows updated: already analysed, or another worker claimed them first.
             return {"claimed": 0}
+        if worker:
+            AnalysisClaim.objects.create(token=token, worker=worker, claimed_at=timezone.now())
         patches = list(TissuePatch.objects.filter(claim_token=token).select_related("case").order_by("id"))
         audit_record_many(
             [
@@ -270,8 +274,14 @@ def analysis_reconcile(*, stale_after: timedelta | None = None, broker_waiting: 
       flush or restart: it is sent again at once rather than after the long timeout. When the
       broker still holds messages, the workers are behind, not stuck, and nothing is re-sent.
 
+    - A patch RUNNING under a claim whose worker has sent no heartbeat for WORKER_LOST_AFTER_SECONDS,
+      or has restarted since the claim (a SIGKILL, an out-of-memory kill, a host reboot), is treated
+      as stale at once. A claim made outside a worker (eager tasks) names none and waits for the
+      timeout.
+
     A re-sent patch's ``enqueued_at`` is reset, so it is sent at most once per interval; a duplicate
-    message finds the patch claimed and does nothing.
+    message finds the patch claimed and does nothing. Should a worker taken for lost still finish,
+    its results are dropped: the claim is no longer its own, and a patch gets one prediction per model.
     """
     from cases.signals import patches_queued
 
@@ -283,7 +293,9 @@ def analysis_reconcile(*, stale_after: timedelta | None = None, broker_waiting: 
     if broker_waiting == 0:
         lost_cutoff = max(cutoff, now - timedelta(seconds=settings.ANALYSIS_REQUEUE_AFTER_SECONDS))
     with transaction.atomic():
-        running = TissuePatch.objects.filter(status=TissuePatch.Status.RUNNING, claimed_at__lt=cutoff)
+        running = TissuePatch.objects.filter(status=TissuePatch.Status.RUNNING).filter(
+            Q(claimed_at__lt=cutoff) | Q(claim_token__in=_claims_of_lost_workers(now))
+        )
         exhausted_patches = list(running.filter(attempts__gte=MAX_ATTEMPTS).select_related("case"))
         exhausted = [p.case_id for p in exhausted_patches]
         failed = running.filter(attempts__gte=MAX_ATTEMPTS).update(
@@ -322,7 +334,33 @@ def analysis_reconcile(*, stale_after: timedelta | None = None, broker_waiting: 
         to_send = [*requeued_running, *lost]  # the re-queued running ones were just stamped: not in lost
         if exhausted:
             case_status_refresh(case_ids=sorted(set(exhausted)))
+        AnalysisClaim.objects.filter(claimed_at__lt=now - timedelta(days=1)).delete()  # long settled
         transaction.on_commit(lambda: patches_queued.send(sender=TissuePatch, patch_ids=to_send))
     if to_send or failed:
         logger.warning("reconciler: re-enqueued %d patches, failed %d", len(to_send), failed)
     return {"requeued": len(to_send), "failed": failed}
+
+
+def _claims_of_lost_workers(now) -> list[uuid.UUID]:
+    """Tokens of the batches now RUNNING whose worker is gone: no heartbeat for
+    WORKER_LOST_AFTER_SECONDS (or none ever, that long after the claim), or a heartbeat from a new
+    start of a worker of that name, begun after the claim."""
+    tokens = (
+        TissuePatch.objects.filter(status=TissuePatch.Status.RUNNING)
+        .exclude(claim_token=None)
+        .values_list("claim_token", flat=True)
+        .distinct()
+    )
+    claims = list(AnalysisClaim.objects.filter(token__in=tokens))
+    beats = {beat.hostname: beat for beat in WorkerHeartbeat.objects.filter(hostname__in={c.worker for c in claims})}
+    silent = now - timedelta(seconds=settings.WORKER_LOST_AFTER_SECONDS)
+    lost = []
+    for claim in claims:
+        beat = beats.get(claim.worker)
+        if beat is None:
+            gone = claim.claimed_at < silent
+        else:
+            gone = beat.last_seen < silent or beat.started_at > claim.claimed_at
+        if gone:
+            lost.append(claim.token)
+    return lost

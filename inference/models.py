@@ -131,6 +131,19 @@ class WorkerHeartbeat(models.Model):
         return self.hostname
 
 
+class AnalysisClaim(models.Model):
+    """Which worker claimed a batch of patches (their ``TissuePatch.claim_token``), so that the
+    reconciler can hand the batch on as soon as that worker stops sending heartbeats, or restarts,
+    instead of waiting for ANALYSIS_STALE_AFTER_SECONDS."""
+
+    token = models.UUIDField(primary_key=True)
+    worker = models.CharField(max_length=255, help_text="The worker's name, as in WorkerHeartbeat.")
+    claimed_at = models.DateTimeField(db_index=True)
+
+    def __str__(self) -> str:
+        return f"{self.token} by {self.worker}"
+
+
 class SiteValidation(models.Model):
     """A model version measured on one institution's own labelled tissue, and the operating point
     (TUM-probability threshold for "suspected tumour") chosen for that institution from it.

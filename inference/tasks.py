@@ -13,9 +13,10 @@ from inference import analysis
 logger = logging.getLogger(__name__)
 
 
-@shared_task(name="inference.tasks.prediction_run")
-def prediction_run(patch_ids: list[int]) -> dict[str, int]:
-    return analysis.prediction_run(patch_ids=[int(i) for i in patch_ids])
+@shared_task(name="inference.tasks.prediction_run", bind=True)
+def prediction_run(self, patch_ids: list[int]) -> dict[str, int]:
+    worker = "" if self.request.is_eager else (self.request.hostname or "")
+    return analysis.prediction_run(patch_ids=[int(i) for i in patch_ids], worker=worker)
 
 
 @shared_task(name="inference.tasks.analysis_reconcile", acks_late=False)

@@ -55,8 +55,8 @@ SHORT = {
     "ANALYSIS_REQUEUE_AFTER_SECONDS": "8",
     "RECONCILE_INTERVAL_SECONDS": "4",
 }
-# The broker fault runs on the defaults; a killed worker's patches wait for the stale timeout, cut
-# from 10 minutes to 1 so that 50 kills fit in an afternoon.
+# The defaults, but for the stale timeout, which a task hung without dying would wait for (a killed
+# worker's patches are handed on once its heartbeat is silent for WORKER_LOST_AFTER_SECONDS).
 LONG = {"ANALYSIS_STALE_AFTER_SECONDS": "60", "CELERY_TASK_SOFT_TIME_LIMIT": "40", "CELERY_TASK_TIME_LIMIT": "50"}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import uuid
 
 import pytest
 from django.core.files.storage import default_storage
@@ -180,6 +181,51 @@ def test_reconciler_resends_patches_whose_message_the_broker_lost(
     assert sent == ([[urgent.pk, routine.pk]] if requeued else [])
     if requeued:
         assert services.analysis_reconcile(broker_waiting=0) == {"requeued": 0, "failed": 0}
+
+
+@pytest.mark.parametrize(
+    ("heartbeat", "claimed_s_ago", "requeued"),
+    [
+        ({"last_seen_s_ago": 2, "started_s_ago": 300}, 5, False),  # alive, busy with it
+        ({"last_seen_s_ago": 60, "started_s_ago": 300}, 5, True),  # silent for a minute: gone
+        ({"last_seen_s_ago": 1, "started_s_ago": 2}, 5, True),  # restarted since the claim
+        (None, 5, False),  # no heartbeat yet, just claimed: give it time
+        (None, 60, True),  # no heartbeat a minute after the claim
+    ],
+)
+def test_reconciler_hands_on_the_patches_of_a_lost_worker_before_the_timeout(
+    case, clinician, sent, settings, heartbeat, claimed_s_ago, requeued
+):
+    from inference.models import AnalysisClaim, WorkerHeartbeat
+
+    settings.WORKER_LOST_AFTER_SECONDS = 30
+    (patch,) = upload(case, clinician, ["NORM-TCGA-CWFDHWAH.png"])
+    now = timezone.now()
+    claimed_at = now - datetime.timedelta(seconds=claimed_s_ago)
+    token = uuid.uuid4()
+    TissuePatch.objects.filter(pk=patch.pk).update(
+        status=TissuePatch.Status.RUNNING, claim_token=token, claimed_at=claimed_at, attempts=1
+    )
+    AnalysisClaim.objects.create(token=token, worker="w1@host", claimed_at=claimed_at)
+    if heartbeat:
+        WorkerHeartbeat.objects.create(
+            hostname="w1@host",
+            last_seen=now - datetime.timedelta(seconds=heartbeat["last_seen_s_ago"]),
+            started_at=now - datetime.timedelta(seconds=heartbeat["started_s_ago"]),
+        )
+    result = services.analysis_reconcile()  # the 10-minute stale timeout has not passed
+    assert result == {"requeued": int(requeued), "failed": 0}
+    patch.refresh_from_db()
+    assert patch.status == (TissuePatch.Status.QUEUED if requeued else TissuePatch.Status.RUNNING)
+
+
+def test_a_worker_claim_names_the_worker(case, clinician, demo_model):
+    from inference.models import AnalysisClaim
+
+    (patch,) = upload(case, clinician, ["NORM-TCGA-CWFDHWAH.png"])
+    services.prediction_run(patch_ids=[patch.pk], worker="w2@host")
+    patch.refresh_from_db()
+    assert AnalysisClaim.objects.get(token=patch.claim_token).worker == "w2@host"
 
 
 def test_reconciler_fails_patch_after_max_attempts_and_case_moves_on(case, clinician, sent):

@@ -35,8 +35,8 @@ def test_faults_while_patches_flow_lose_nothing(tmp_path):
     assert report["verify_audit"] == "ok"
     kill, broker, disk = report["faults"]["kill"], report["faults"]["broker"], report["faults"]["disk"]
     assert kill["killed_mid_batch"] >= 1  # at least one kill caught a batch between claim and result
-    # Recovered within the short form's timeouts: a killed worker's patches after the stale timeout
-    # (20 s) and a reconciler run; lost messages after the re-send delay (8 s) and a run.
+    # Recovered within the short form's timeouts: a killed worker's patches once its heartbeat is
+    # silent (3 x 2 s) and a reconciler run (every 4 s); lost messages after the re-send delay (8 s).
     assert kill["recovery_s"] is not None and kill["recovery_s"] < 60
     assert broker["recovery_s"] is not None and broker["recovery_s"] < 40
     assert disk["refused_while_full"].get("507", 0) > 0 and set(disk["refused_while_full"]) == {"507"}
