@@ -261,6 +261,9 @@ ANALYSIS_STALE_AFTER_SECONDS = env_int("ANALYSIS_STALE_AFTER_SECONDS", 600)
 ANALYSIS_REQUEUE_AFTER_SECONDS = env_int("ANALYSIS_REQUEUE_AFTER_SECONDS", 45)
 RECONCILE_INTERVAL_SECONDS = env_int("RECONCILE_INTERVAL_SECONDS", 30)
 WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 10)
+# A worker silent this long (or restarted since it claimed them) lost the patches it was analysing:
+# the reconciler hands them on without waiting for ANALYSIS_STALE_AFTER_SECONDS.
+WORKER_LOST_AFTER_SECONDS = env_int("WORKER_LOST_AFTER_SECONDS", 3 * WORKER_HEARTBEAT_SECONDS)
 
 # Trust at each site. A model version's results count as validated at an institution only after a
 # passing `validate_site` there: at least this many patches of each class, tumour sensitivity at or
@@ -324,9 +327,6 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
     }
 else:
     # Redis redelivers an unacknowledged message after this; the reconciler usually acts first.
-# A worker silent this long (or restarted since it claimed them) lost the patches it was analysing:
-# the reconciler hands them on without waiting for ANALYSIS_STALE_AFTER_SECONDS.
-WORKER_LOST_AFTER_SECONDS = env_int("WORKER_LOST_AFTER_SECONDS", 3 * WORKER_HEARTBEAT_SECONDS)
     CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": 2 * ANALYSIS_STALE_AFTER_SECONDS}
 CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
 CELERY_TASK_SERIALIZER = "json"
