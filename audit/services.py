@@ -33,6 +33,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from audit.models import AuditEvent
+from cloudiopsy.metrics import AUDIT_APPEND_SECONDS
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +228,7 @@ def _chain_head(chain: int) -> str:
     return last or GENESIS
 
 
+@AUDIT_APPEND_SECONDS.time()
 def _events_append(events: list[AuditEvent]) -> list[AuditEvent]:
     """Lock the events' chains, link and sign the events in order and insert them, in one statement."""
     key = settings.AUDIT_HMAC_KEY

@@ -90,6 +90,9 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # First: every line logged while a request is handled carries its id; every answer is timed.
+    "cloudiopsy.logging.RequestIdMiddleware",
+    "cloudiopsy.metrics.MetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "cloudiopsy.middleware.RequestSizeLimitMiddleware",
     "csp.middleware.CSPMiddleware",
@@ -444,7 +447,36 @@ CONTENT_SECURITY_POLICY = {
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
-    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"}},
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "filters": {"request_id": {"()": "cloudiopsy.logging.RequestIdFilter"}},
+    "formatters": {
+        "plain": {"()": "cloudiopsy.logging.PlainFormatter"},
+        "json": {"()": "cloudiopsy.logging.JsonFormatter"},
+    },
+    "handlers": {
+        "console": {"class": "logging.StreamHandler", "formatter": "plain", "filters": ["request_id"]},
+    },
     "root": {"handlers": ["console"], "level": env_str("LOG_LEVEL", "INFO")},
 }
+
+# Observability (docs/observability.md). Log lines: one JSON object each (``json``, the default off
+# DEBUG) or text for the local demo (``plain``); either way with the request id when there is one.
+LOG_FORMAT = env_str("LOG_FORMAT", "plain" if DEBUG else "json")
+if LOG_FORMAT not in LOGGING["formatters"]:
+    raise ImproperlyConfigured(f"LOG_FORMAT must be json or plain, not {LOG_FORMAT!r}")
+LOGGING["handlers"]["console"]["formatter"] = LOG_FORMAT
+# One line per HTTP request (logger cloudiopsy.access): method, path, view, status, duration.
+LOG_REQUESTS = env_bool("LOG_REQUESTS", True)
+# GET /metrics answers a scraper sending "Authorization: Bearer <METRICS_TOKEN>" (or the file named
+# by METRICS_TOKEN_FILE), and signed-in superusers; nobody else.
+METRICS_TOKEN = env_str("METRICS_TOKEN")
+# Analysis latency (upload to result) is reported over the results of this many last seconds.
+METRICS_ANALYSIS_WINDOW_SECONDS = env_int("METRICS_ANALYSIS_WINDOW_SECONDS", 3600)
+# Several web (gunicorn) or worker processes on a host: PROMETHEUS_MULTIPROC_DIR names an empty folder
+# they all write their figures to (prometheus-client reads it from the environment itself).
+_multiproc_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+if _multiproc_dir and not Path(_multiproc_dir).is_dir():
+    raise ImproperlyConfigured(f"PROMETHEUS_MULTIPROC_DIR={_multiproc_dir!r} is not an existing folder")
+# A Celery worker serves its task metrics (no patient data, no authentication) on this address and
+# port (0: off; see docs/observability.md).
+WORKER_METRICS_PORT = env_int("WORKER_METRICS_PORT", 0)
+WORKER_METRICS_ADDRESS = env_str("WORKER_METRICS_ADDRESS", "127.0.0.1")

@@ -7,6 +7,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerSplitVie
 from accounts import views as accounts_views
 from cases import api as cases_api
 from cloudiopsy.health import healthz
+from cloudiopsy.metrics import metrics_view
 
 api_v1 = [
     path("cases/", cases_api.CaseListCreate.as_view(), name="case-list"),
@@ -31,6 +32,7 @@ urlpatterns = [
     path("monitoring/", include("inference.urls")),
     path("api/v1/", include((api_v1, "api"), namespace="api")),
     path("healthz", healthz, name="healthz"),
+    path("metrics", metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
 ]
 
