@@ -25,22 +25,14 @@ def analysis_reconcile() -> dict[str, int]:
 
 
 def broker_waiting(queue: str) -> int | None:
-    """Messages waiting in ``queue`` on the broker (Redis or RabbitMQ), or None if it cannot say.
+    """Messages waiting in ``queue`` on the broker, or None if the broker cannot be asked."""
+    from cloudiopsy.celery import broker_queue_depths
 
-    A queue the broker does not know is empty: Redis drops an empty list's key.
-    """
-    from celery import current_app
-    from kombu.exceptions import ChannelError, OperationalError
-
-    with current_app.connection_for_read() as connection:
-        try:
-            connection.ensure_connection(max_retries=1)
-            return int(connection.default_channel.queue_declare(queue=queue, passive=True).message_count)
-        except (ChannelError, *connection.channel_errors):
-            return 0  # no such queue: nothing waiting
-        except (OperationalError, *connection.connection_errors) as exc:
-            logger.warning("cannot read the depth of queue %s from the broker: %s", queue, exc)
-            return None
+    try:
+        return broker_queue_depths(queues=[queue])[queue]
+    except Exception as exc:  # the broker's own connection errors, whichever broker it is
+        logger.warning("cannot read the depth of queue %s from the broker: %s", queue, exc)
+        return None
 
 
 @receiver(patches_queued, dispatch_uid="inference.tasks.analysis_enqueue")
