@@ -30,6 +30,8 @@ class User(AbstractUser):
         CLINICIAN = "clinician", "Clinician"
         PATHOLOGIST = "pathologist", "Pathologist"
         ADMIN = "admin", "Administrator"
+        # Sees the operations dashboards of the institution; reviews nothing, administers nothing.
+        LAB_MANAGER = "lab_manager", "Lab manager"
 
     institution = models.ForeignKey(
         Institution,

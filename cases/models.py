@@ -6,6 +6,7 @@ import uuid
 
 from django.conf import settings
 from django.db import models
+from django.utils import timezone
 
 from accounts.models import Institution, LabSystem
 from inference.core.preprocessing import STORAGE_SUFFIX
@@ -70,6 +71,16 @@ class BiopsyCase(models.Model):
     )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
+    # Set by cases.transitions.case_transition (and at creation); read by the dashboards.
+    status_changed_at = models.DateTimeField(
+        default=timezone.now, editable=False, help_text="When the case entered its current status."
+    )
+    ready_for_review_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        editable=False,
+        help_text="When the case last became ready for review (every patch had a result); empty: never yet.",
+    )
 
     class Meta:
         ordering = ["-created_at"]

@@ -1,9 +1,11 @@
 """The one way a case changes status, and the one way a change inside a case marks it updated.
 
 Every status change goes through ``case_transition``: it checks the move is allowed, sets
-``updated_at`` (lab systems poll ``updated_since``), and appends one audit event per case moved, in
-the caller's transaction. Changes inside a case that keep its status (a patch's result, a review,
-an addendum) go through ``cases_touch`` so that ``updated_at`` tells a poller to read it again.
+``updated_at`` (lab systems poll ``updated_since``), ``status_changed_at`` and, on the way to
+ready for review, ``ready_for_review_at`` (the dashboards' turnaround and queue), and appends one
+audit event per case moved, in the caller's transaction. Changes inside a case that keep its status
+(a patch's result, a review, an addendum) go through ``cases_touch`` so that ``updated_at`` tells a
+poller to read it again.
 """
 
 from __future__ import annotations
@@ -60,7 +62,10 @@ def case_transition(
         if not rows:
             return []
         moved = [pk for pk, _, _ in rows]
-        BiopsyCase.objects.filter(pk__in=moved).update(status=to, updated_at=timezone.now())
+        now = timezone.now()
+        # When each stage was reached, for turnaround and queue figures (the dashboards).
+        stage_times = {"ready_for_review_at": now} if to == Status.READY_FOR_REVIEW else {}
+        BiopsyCase.objects.filter(pk__in=moved).update(status=to, updated_at=now, status_changed_at=now, **stage_times)
         for pk, before, institution_id in rows:
             audit_record(
                 actor=actor,

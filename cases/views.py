@@ -438,6 +438,9 @@ def agreement_chart(request):
     from matplotlib.figure import Figure  # drawn off-screen: no pyplot, no global backend
 
     weeks = agreement_stats(institution=institution_of(request.user))["per_week"]
+    if not weeks:
+        # The page says "No reviews yet" instead of an empty chart (whose axis ran from -0.04 to 0.04).
+        raise Http404("No reviews to chart.")
     figure = Figure(figsize=(7, 3), dpi=100)
     axes = figure.subplots()
     axes.bar([w for w, _, _ in weeks], [100 * (a or 0) for _, _, a in weeks], color="#7a1f5c")

@@ -87,6 +87,7 @@ INSTALLED_APPS = [
     "inference",
     "webhooks",
     "audit",
+    "dashboards",
 ]
 
 MIDDLEWARE = [
@@ -186,7 +187,7 @@ AXES_VERBOSE = False
 
 # Second factor (TOTP, django-otp): required of these roles (and of every superuser) before any page;
 # users enrol with a QR code and get single-use recovery codes.
-MFA_REQUIRED_ROLES = env_list("MFA_REQUIRED_ROLES", "pathologist,admin")
+MFA_REQUIRED_ROLES = env_list("MFA_REQUIRED_ROLES", "pathologist,admin,lab_manager")
 MFA_ISSUER = env_str("MFA_ISSUER", "Cloudiopsy")
 OTP_TOTP_ISSUER = MFA_ISSUER
 MFA_RECOVERY_CODES = 10
@@ -317,6 +318,8 @@ TRUSTED_PROXY_COUNT = env_int("TRUSTED_PROXY_COUNT", 1)
 
 # Drift monitoring: a week's figure over fewer patches than this is shown but not judged.
 DRIFT_MIN_PATCHES = env_int("DRIFT_MIN_PATCHES", 20)
+# Turnaround dashboard: an urgent case signed out more than this after its first upload is a breach.
+TURNAROUND_URGENT_TARGET_HOURS = env_int("TURNAROUND_URGENT_TARGET_HOURS", 24)
 
 CELERY_BROKER_URL = env_str("CELERY_BROKER_URL", "filesystem://")
 BROKER_DIR = DATA_DIR / "broker"

@@ -30,6 +30,7 @@ urlpatterns = [
     path("admin/login/", accounts_views.admin_login),
     path("cases/", include("cases.urls")),
     path("monitoring/", include("inference.urls")),
+    path("dashboards/", include("dashboards.urls")),
     path("api/v1/", include((api_v1, "api"), namespace="api")),
     path("healthz", healthz, name="healthz"),
     path("metrics", metrics_view, name="metrics"),
