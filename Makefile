@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt co
 
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: run test lint check venv browser-deps bench chaos train-demo-model generalisation clean
+.PHONY: run serve test lint check venv browser-deps bench chaos train-demo-model generalisation clean
 
 $(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ venv: $(STAMP)
 
 run: venv
 	$(PY) scripts/run_platform.py
+
+# The production shape on this host, DEBUG off: check --deploy, migrate, collectstatic, then gunicorn,
+# a Celery worker and Celery beat. Needs the production settings, secrets as *_FILE (docs/deployment.md);
+# e.g. make serve SERVE_ARGS="--processes worker --no-migrate" on a worker host.
+serve: venv
+	$(PY) scripts/serve.py $(SERVE_ARGS)
 
 lint: venv
 	$(PY) -m ruff check .

@@ -21,11 +21,22 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 
 
 def env_str(name: str, default: str = "") -> str:
-    """A string from ``NAME``, or from the file named by ``NAME_FILE`` (for secrets)."""
+    """A string from ``NAME``, or from the file named by ``NAME_FILE`` (for secrets: a mounted secret,
+    systemd's ``LoadCredential``), its trailing newline stripped. Both set, or a file that cannot be
+    read or is empty, is an error: a secret must never silently fall back to a default."""
     file_name = os.environ.get(f"{name}_FILE")
-    if file_name:
-        return Path(file_name).read_text().strip()
-    return os.environ.get(name, default)
+    if not file_name:
+        return os.environ.get(name, default)
+    if os.environ.get(name):
+        raise ImproperlyConfigured(f"both {name} and {name}_FILE are set: set only one of them")
+    try:
+        value = Path(file_name).read_text().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ImproperlyConfigured(f"{name}_FILE names {file_name}, which cannot be read: {reason}") from None
+    if not value:
+        raise ImproperlyConfigured(f"{name}_FILE names {file_name}, which is empty")
+    return value
 
 
 def env_bool(name: str, default: bool) -> bool:
@@ -95,6 +106,8 @@ MIDDLEWARE = [
     "cloudiopsy.logging.RequestIdMiddleware",
     "cloudiopsy.metrics.MetricsMiddleware",
     "django.middleware.security.SecurityMiddleware",
+    # Static files straight after the security headers, before sessions and the database.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
     "cloudiopsy.middleware.RequestSizeLimitMiddleware",
     "csp.middleware.CSPMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -228,6 +241,51 @@ MEDIA_ROOT = Path(env_str("MEDIA_ROOT", str(DATA_DIR / "media"))).resolve()
 if MEDIA_ROOT == STATIC_ROOT.resolve() or STATIC_ROOT.resolve() in MEDIA_ROOT.parents:
     raise ImproperlyConfigured("MEDIA_ROOT must not be inside STATIC_ROOT")
 MEDIA_URL = "/media-not-served/"
+
+# Static files are served by the web processes themselves (WhiteNoise): off DEBUG, compressed and
+# under content-hashed names that browsers keep for a year; `collectstatic` writes them (scripts/serve.py
+# runs it). Under DEBUG they are found in the apps, unhashed, as they change.
+# Stored images (patient data) go to the filesystem under MEDIA_ROOT, or with STORAGE_BACKEND=s3 to a
+# private bucket of an S3-compatible object store shared by every web and worker host. Code reads and
+# writes them only through django.core.files.storage.default_storage, never by path.
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+        if DEBUG
+        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+    },
+}
+# Fixed here, not left to WhiteNoise: the test runner turns DEBUG off after the settings are read.
+WHITENOISE_AUTOREFRESH = WHITENOISE_USE_FINDERS = DEBUG
+STORAGE_BACKEND = env_str("STORAGE_BACKEND", "filesystem")
+if STORAGE_BACKEND == "s3":
+    AWS_STORAGE_BUCKET_NAME = env_str("AWS_STORAGE_BUCKET_NAME")
+    if not AWS_STORAGE_BUCKET_NAME:
+        raise ImproperlyConfigured("STORAGE_BACKEND=s3 needs AWS_STORAGE_BUCKET_NAME (the bucket for stored images)")
+    _s3_options = {
+        "bucket_name": AWS_STORAGE_BUCKET_NAME,
+        "endpoint_url": env_str("AWS_S3_ENDPOINT_URL"),  # e.g. https://minio.hospital.internal:9000
+        "region_name": env_str("AWS_S3_REGION_NAME"),
+        "addressing_style": env_str("AWS_S3_ADDRESSING_STYLE"),  # "path" for most on-premise stores
+        "location": env_str("AWS_LOCATION"),  # a key prefix inside the bucket
+        # Unset: boto3's own chain (instance role, ~/.aws, AWS_* variables).
+        "access_key": env_str("AWS_ACCESS_KEY_ID"),
+        "secret_key": env_str("AWS_SECRET_ACCESS_KEY"),
+    }
+    STORAGES["default"] = {
+        "BACKEND": "storages.backends.s3.S3Storage",
+        "OPTIONS": {
+            **{key: value for key, value in _s3_options.items() if value},
+            "default_acl": "private",
+            # Images reach users only through the platform's views, after its permission checks: an
+            # object URL is never handed out, and if one were it would carry no signature to use.
+            "querystring_auth": False,
+            "file_overwrite": False,
+        },
+    }
+elif STORAGE_BACKEND != "filesystem":
+    raise ImproperlyConfigured(f"STORAGE_BACKEND must be filesystem or s3, not {STORAGE_BACKEND!r}")
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # Uploads: checked in memory before anything is stored.
