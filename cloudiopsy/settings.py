@@ -98,6 +98,7 @@ INSTALLED_APPS = [
     "inference",
     "webhooks",
     "audit",
+    "backups",
     "dashboards",
 ]
 
@@ -368,6 +369,13 @@ if not AUDIT_HMAC_KEY:
 # when set, written to this folder: keep it (or ship the log) off the database server so that
 # `verify_audit --anchor` can tell if events were cut from the end of a chain.
 AUDIT_ANCHOR_DIR = env_str("AUDIT_ANCHOR_DIR")
+
+# Backups (`manage.py backup` / `restore`, docs/backup.md): the folder holding pg_dump and pg_restore,
+# when not the ones on PATH (they must be of the server's major version or newer).
+PG_BIN_DIR = env_str("PG_BIN_DIR")
+# The platform's git commit, recorded in each backup's manifest; found with git when unset and the
+# project folder is a checkout.
+PLATFORM_GIT_COMMIT = env_str("PLATFORM_GIT_COMMIT")
 
 # Behind a reverse proxy: the client address comes from this header (e.g. X-Forwarded-For), taking
 # the address TRUSTED_PROXY_COUNT hops from the right; without it, REMOTE_ADDR is used as is.
