@@ -47,7 +47,7 @@ MESSAGE_FAILED = (
     "contact your IT service desk."
 )
 MESSAGE_NO_ROLE = (
-    "Your hospital account has no Cloudiopsy role (clinician, pathologist or administrator). "
+    "Your hospital account has no Cloudiopsy role (clinician, pathologist, lab manager or administrator). "
     "Ask your IT service desk to give you one."
 )
 MESSAGE_NO_INSTITUTION = (

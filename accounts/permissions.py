@@ -8,6 +8,16 @@ def institution_of(principal):
     return getattr(principal, "institution", None) if principal is not None else None
 
 
+# Roles that see their institution's figures (the dashboards) but no patient and no case.
+ROLES_WITHOUT_PATIENT_DATA = frozenset({"lab_manager"})
+NO_PATIENT_DATA = "Lab managers see the dashboards, not patients or cases."
+
+
+def sees_patient_data(principal) -> bool:
+    """Whether the user or lab system may read its institution's patients and cases."""
+    return getattr(principal, "role", None) not in ROLES_WITHOUT_PATIENT_DATA
+
+
 class IsInstitutionMember(BasePermission):
     """Authenticated, and acting for an institution (a user without one sees nothing)."""
 
@@ -15,6 +25,9 @@ class IsInstitutionMember(BasePermission):
 
     def has_permission(self, request, view) -> bool:
         user = request.user
+        if user is not None and user.is_authenticated and not sees_patient_data(user):
+            self.message = NO_PATIENT_DATA
+            return False
         return bool(user is not None and user.is_authenticated and institution_of(user) is not None)
 
 

@@ -21,6 +21,16 @@ from accounts.mfa import (
     recovery_codes_create,
     second_factor_check,
 )
+from accounts.permissions import sees_patient_data
+
+
+@login_required
+@require_GET
+def home(request):
+    """Where "/" and a fresh sign-in lead: the dashboards for a lab manager, else the case list."""
+    if not sees_patient_data(request.user):
+        return redirect("dashboards:index")
+    return redirect("cases:list")
 
 
 def _next_url(request) -> str:

@@ -2,14 +2,15 @@ from __future__ import annotations
 
 from django.db.models import Case, Count, F, Max, Prefetch, Q, QuerySet, When
 
-from accounts.permissions import institution_of
+from accounts.permissions import institution_of, sees_patient_data
 from cases.models import Addendum, BiopsyCase, Patient, Review, TissuePatch
 
 
 def cases_visible_to(*, principal) -> QuerySet[BiopsyCase]:
-    """Cases of the principal's (user's or lab system's) institution; none without one."""
+    """Cases of the principal's (user's or lab system's) institution; none without one, and none
+    for a role that sees no patient data (lab managers)."""
     institution = institution_of(principal)
-    if institution is None:
+    if institution is None or not sees_patient_data(principal):
         return BiopsyCase.objects.none()
     return BiopsyCase.objects.filter(institution=institution).select_related("patient")
 
@@ -39,7 +40,7 @@ def case_with_results(*, principal, case_id: int) -> BiopsyCase:
 
 def patients_visible_to(*, principal) -> QuerySet[Patient]:
     institution = institution_of(principal)
-    if institution is None:
+    if institution is None or not sees_patient_data(principal):
         return Patient.objects.none()
     return Patient.objects.filter(institution=institution)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import io
 from dataclasses import dataclass
+from functools import wraps
 
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
@@ -17,7 +18,7 @@ from django.views.decorators.http import require_POST
 from PIL import Image
 
 from accounts.models import User
-from accounts.permissions import institution_of
+from accounts.permissions import NO_PATIENT_DATA, institution_of, sees_patient_data
 from audit.services import case_history, patient_read
 from cases.forms import CaseForm, PatientLookupForm
 from cases.models import BiopsyCase, Patient, Review, SignOut, TissuePatch
@@ -51,6 +52,18 @@ from inference.core.preprocessing import decode_rgb
 THUMBNAIL_SIDE = 224
 
 
+def patient_data_required(view):
+    """For the pages of patients and cases: a lab manager gets a 403 that says where to go."""
+
+    @wraps(view)
+    def wrapped(request, *args, **kwargs):
+        if not sees_patient_data(request.user):
+            raise PermissionDenied(NO_PATIENT_DATA)
+        return view(request, *args, **kwargs)
+
+    return wrapped
+
+
 def _visible_case(request, pk: int, *, with_results: bool = True) -> BiopsyCase:
     """The case for its page (``with_results``: its patches, their predictions and reviews
     prefetched), or for an action that reads nothing more of it."""
@@ -64,6 +77,7 @@ def _visible_case(request, pk: int, *, with_results: bool = True) -> BiopsyCase:
 
 
 @login_required
+@patient_data_required
 def case_list(request):
     cases = with_ai_summary(cases_visible_to(principal=request.user)).order_by("-created_at", "-id")
     status = request.GET.get("status", "")
@@ -92,6 +106,7 @@ def _patient_lookup(request):
 
 
 @login_required
+@patient_data_required
 def case_create_view(request):
     institution = institution_of(request.user)
     if institution is None:
@@ -127,6 +142,7 @@ def case_create_view(request):
 
 
 @login_required
+@patient_data_required
 def case_detail(request, pk: int):
     case = _visible_case(request, pk)
     patient_read(principal=request.user, patients=[case.patient], via="web case page", request=request, case=case)
@@ -225,6 +241,7 @@ def _render_case(
 
 
 @login_required
+@patient_data_required
 @require_POST
 def case_upload(request, pk: int):
     case = _visible_case(request, pk)
@@ -261,6 +278,7 @@ def _png_response(image: Image.Image) -> HttpResponse:
 
 
 @login_required
+@patient_data_required
 def patch_image(request, pk: int, patch_id: int):
     """The patch as a PNG of at most THUMBNAIL_SIDE px, to users of the case's institution only
     (never a public media URL)."""
@@ -272,6 +290,7 @@ def patch_image(request, pk: int, patch_id: int):
 
 
 @login_required
+@patient_data_required
 def patch_heatmap(request, pk: int, patch_id: int, label: str):
     """The heatmap overlay of the patch's latest prediction for one class (the predicted one or TUM)."""
     patch = _visible_patch(request, pk, patch_id)
@@ -297,6 +316,7 @@ def _act(request, pk: int, action) -> HttpResponse:
 
 
 @login_required
+@patient_data_required
 @require_POST
 def patch_review(request, pk: int, patch_id: int):
     def action(case):
@@ -316,6 +336,7 @@ def patch_review(request, pk: int, patch_id: int):
 
 
 @login_required
+@patient_data_required
 @require_POST
 def case_confirm_all(request, pk: int):
     def action(case):
@@ -326,6 +347,7 @@ def case_confirm_all(request, pk: int):
 
 
 @login_required
+@patient_data_required
 @require_POST
 def case_sign_out_view(request, pk: int):
     def action(case):
@@ -342,6 +364,7 @@ def case_sign_out_view(request, pk: int):
 
 
 @login_required
+@patient_data_required
 @require_POST
 def case_addendum(request, pk: int):
     def action(case):
@@ -358,6 +381,7 @@ def case_addendum(request, pk: int):
 
 
 @login_required
+@patient_data_required
 def case_worklist(request):
     """The review worklist: urgent first, then the least certain AI results, then suspected tumour
     (as judged by the operating point stored with each prediction)."""
@@ -395,6 +419,7 @@ def case_worklist(request):
 
 
 @login_required
+@patient_data_required
 @require_POST
 def case_assign_view(request, pk: int):
     def action(case):
@@ -453,6 +478,7 @@ def agreement_chart(request):
 
 
 @login_required
+@patient_data_required
 @require_POST
 def case_second_read(request, pk: int):
     def action(case):

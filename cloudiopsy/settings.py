@@ -226,7 +226,7 @@ if OIDC_ENABLED:
     AUTHENTICATION_BACKENDS.append("accounts.oidc.HospitalOIDCBackend")
 
 LOGIN_URL = "login"
-LOGIN_REDIRECT_URL = "cases:list"
+LOGIN_REDIRECT_URL = "home"  # the case list, or a lab manager's dashboards
 LOGOUT_REDIRECT_URL = "login"
 
 LANGUAGE_CODE = "en-gb"

@@ -26,10 +26,10 @@ def test_seed_demo_is_idempotent_and_prints_passwords():
     call_command("seed_demo", stdout=io.StringIO())
     assert Institution.objects.filter(slug="demo").count() == 1
     users = {u.username: u for u in User.objects.all()}
-    assert set(users) == {"clinician", "pathologist", "admin", "operator"}
-    assert {u.role for u in users.values()} == {"clinician", "pathologist", "admin"}
-    assert all(users[name].institution.slug == "demo" for name in ("clinician", "pathologist", "admin"))
-    assert not users["clinician"].is_staff and not users["pathologist"].is_staff
+    assert set(users) == {"clinician", "pathologist", "labmanager", "admin", "operator"}
+    assert {u.role for u in users.values()} == {"clinician", "pathologist", "lab_manager", "admin"}
+    assert all(users[name].institution.slug == "demo" for name in ("clinician", "pathologist", "labmanager", "admin"))
+    assert not any(users[name].is_staff for name in ("clinician", "pathologist", "labmanager"))
     assert users["pathologist"].check_password("pathologist-demo-pass")
     # The hospital's administrator is staff of the demo institution, not a superuser...
     admin = users["admin"]

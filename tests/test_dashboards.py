@@ -19,6 +19,7 @@ from django.test.utils import CaptureQueriesContext
 from accounts.models import User
 from audit.models import AuditEvent
 from cases.models import BiopsyCase, Patient, Review, SignOut, TissuePatch
+from cases.selectors import cases_visible_to
 from cases.transitions import case_transition
 from dashboards import reports, selectors
 from dashboards.periods import BadPeriod, Period, period_from
@@ -600,6 +601,32 @@ def test_lab_manager_gains_nothing_of_the_review_workflow(scenario, institution,
     assert response.status_code == 403
     assert manager_client.get("/cases/agreement/").status_code == 403
     assert manager_client.get("/monitoring/drift/").status_code == 403
+
+
+def test_lab_manager_sees_no_patient_or_case(scenario, institution, manager_client, lab_manager):
+    """The dashboards' figures, not the cases: every case page, the patient lookup and the API answer
+    403 with where to go, and signing in or opening "/" leads to the dashboards."""
+    case = BiopsyCase.objects.get(institution=institution, accession="F")
+    patch = case.patches.get()
+    for url in ("/cases/", "/cases/new/", "/cases/worklist/", f"/cases/{case.pk}/",
+                f"/cases/{case.pk}/patches/{patch.pk}/image/"):  # fmt: skip
+        response = manager_client.get(url)
+        assert response.status_code == 403, url
+        assert "Lab managers see the dashboards" in response.content.decode(), url
+    response = manager_client.post("/cases/new/", {"lookup": "1", "patient_mrn": case.patient.mrn})
+    assert response.status_code == 403
+    response = manager_client.get("/api/v1/cases/")
+    assert response.status_code == 403 and "Lab managers see the dashboards" in response.json()["detail"]
+    response = manager_client.post("/api/v1/cases/", {}, content_type="application/json")
+    assert response.status_code == 403
+    assert not cases_visible_to(principal=lab_manager).exists()
+    assert manager_client.get("/")["Location"] == "/dashboards/"
+    assert "Cases</a>" not in manager_client.get("/dashboards/turnaround/").content.decode()
+
+
+def test_home_leads_clinical_roles_to_the_case_list(client, clinician):
+    client.force_login(clinician)
+    assert client.get("/")["Location"] == "/cases/"
 
 
 def test_other_institutions_figures_never_show(other_institution, client, scenario):

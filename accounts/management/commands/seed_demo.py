@@ -23,6 +23,8 @@ class DemoUser:
 DEMO_USERS = (
     DemoUser("clinician", User.Role.CLINICIAN, "clinician-demo-pass", "Clinician"),
     DemoUser("pathologist", User.Role.PATHOLOGIST, "pathologist-demo-pass", "Pathologist"),
+    # Sees the dashboards (turnaround, queue, workload, AI performance), no patient and no case.
+    DemoUser("labmanager", User.Role.LAB_MANAGER, "labmanager-demo-pass", "Lab manager"),
     # The hospital's administrator: /admin/ for the demo institution only, through the group's permissions.
     DemoUser("admin", User.Role.ADMIN, "admin-demo-pass", "Institution admin", staff=True),
     # Runs the platform for every institution; separate from any hospital's accounts, and rare.
