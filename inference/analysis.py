@@ -10,12 +10,13 @@ are written in a constant number of queries.
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from datetime import timedelta
 
 from django.conf import settings
 from django.core.files.storage import default_storage
-from django.db import IntegrityError, connection, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, close_old_connections, connection, transaction
 from django.db.models import Case, F, Q, When
 from django.utils import timezone
 
@@ -62,13 +63,56 @@ def prediction_run(*, patch_ids: list[int], worker: str = "") -> dict[str, int]:
         )
     counts: dict[str, int] = {"claimed": len(patches)}
     size = max(1, settings.INFERENCE_BATCH_SIZE)
-    for start in range(0, len(patches), size):
-        outcomes = _analyse(patches[start : start + size], loaded)
-        for _, outcome in outcomes:
-            counts[outcome.status] = counts.get(outcome.status, 0) + 1
-        # Stored on the writer thread in a worker process, while the next batch is analysed.
-        write_behind(_store, outcomes=outcomes, version=version, token=token)
+    try:
+        for start in range(0, len(patches), size):
+            outcomes = _analyse(patches[start : start + size], loaded)
+            for _, outcome in outcomes:
+                counts[outcome.status] = counts.get(outcome.status, 0) + 1
+            # Stored on the writer thread in a worker process, while the next batch is analysed.
+            write_behind(_store, outcomes=outcomes, version=version, token=token)
+    except (OperationalError, InterfaceError):
+        # The database went away mid-run (a restart, a failover): hand back what this run holds as
+        # soon as it is back, rather than leave it RUNNING until the stale timeout.
+        _claim_release(token, reason="database unavailable during analysis: re-enqueued")
+        raise
     return counts
+
+
+RELEASE_WAITS_S = (1, 2, 4, 8, 15)  # about half a minute: a database restart or failover
+
+
+def _claim_release(token: uuid.UUID, *, reason: str) -> int:
+    """Queue again the patches still RUNNING under ``token`` (results already stored stay), with
+    their audit events, and send them after commit; retried while the database is out of reach.
+    Returns how many were released (0 if the database did not come back in time: then the
+    reconciler's stale timeout applies)."""
+    from cases.signals import patches_queued
+
+    for wait in (0, *RELEASE_WAITS_S):
+        time.sleep(wait)
+        try:
+            close_old_connections()
+            with transaction.atomic():
+                held = list(
+                    TissuePatch.objects.select_for_update()
+                    .filter(claim_token=token, status=TissuePatch.Status.RUNNING)
+                    .select_related("case")
+                    .order_by("pk")
+                )
+                TissuePatch.objects.filter(pk__in=[p.pk for p in held]).update(
+                    status=TissuePatch.Status.QUEUED, claim_token=None, enqueued_at=timezone.now()
+                )
+                audit_record_many(
+                    [_status_event(p, TissuePatch.Status.RUNNING, TissuePatch.Status.QUEUED, reason) for p in held]
+                )
+                ids = [p.pk for p in held]
+                transaction.on_commit(lambda ids=ids: patches_queued.send(sender=TissuePatch, patch_ids=ids))
+            logger.warning("released %d patches of claim %s: %s", len(held), token, reason)
+            return len(held)
+        except (OperationalError, InterfaceError) as exc:
+            logger.warning("cannot release claim %s yet: %s", token, exc)
+    logger.error("claim %s not released: the reconciler will re-queue its patches after the stale timeout", token)
+    return 0
 
 
 def _claim(patch_ids: list[int], token: uuid.UUID) -> int:

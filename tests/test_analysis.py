@@ -228,6 +228,32 @@ def test_a_worker_claim_names_the_worker(case, clinician, demo_model):
     assert AnalysisClaim.objects.get(token=patch.claim_token).worker == "w2@host"
 
 
+def test_a_run_that_loses_the_database_hands_its_patches_back(
+    case, clinician, demo_model, sent, monkeypatch, django_capture_on_commit_callbacks
+):
+    """The database restarting mid-run (here: the store raising as psycopg does) queues the run's
+    patches again at once, with their audit events, instead of leaving them RUNNING for 10 minutes."""
+    from django.db import OperationalError
+
+    from audit.models import AuditEvent
+    from inference import analysis
+
+    patches = upload(case, clinician, ["NORM-TCGA-CWFDHWAH.png", "TUM-TCGA-KECNIDCQ.png"])
+
+    def store_fails(**kwargs):
+        raise OperationalError("server closed the connection unexpectedly")
+
+    monkeypatch.setattr(analysis, "_store", store_fails)
+    sent.clear()
+    with django_capture_on_commit_callbacks(execute=True), pytest.raises(OperationalError):
+        services.prediction_run(patch_ids=[p.pk for p in patches])
+    assert set(TissuePatch.objects.values_list("status", flat=True)) == {TissuePatch.Status.QUEUED}
+    assert not TissuePatch.objects.exclude(claim_token=None).exists()
+    assert sent == [[p.pk for p in patches]]
+    released = AuditEvent.objects.filter(action="patch.status", reason__startswith="database unavailable")
+    assert released.count() == 2
+
+
 def test_reconciler_fails_patch_after_max_attempts_and_case_moves_on(case, clinician, sent):
     (patch,) = upload(case, clinician, ["NORM-TCGA-CWFDHWAH.png"])
     TissuePatch.objects.filter(pk=patch.pk).update(

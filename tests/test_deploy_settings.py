@@ -82,3 +82,24 @@ def test_production_headers(client, settings, clinician):
     nonce = page["Content-Security-Policy"].split("'nonce-")[1].split("'")[0]
     assert f'<script nonce="{nonce}"' in page.content.decode()  # our own inline scripts carry it
     assert "no-store" in page["Cache-Control"]
+
+
+def test_database_out_of_reach_is_a_503_to_retry_not_a_500(rf):
+    """handler500 tells a lost database (a restart, a failover) from a bug: 503 with Retry-After."""
+    from django.db import OperationalError
+    from django.urls import get_resolver
+
+    server_error = get_resolver().resolve_error_handler(500)  # cloudiopsy.api.server_error
+
+    for path, kind in (("/api/v1/cases/1/patches/", "application/problem+json"), ("/cases/1/", "text/html")):
+        try:
+            raise OperationalError("server closed the connection unexpectedly")
+        except OperationalError:
+            response = server_error(rf.post(path))
+        assert response.status_code == 503 and response["Retry-After"] == "30"
+        assert response["Content-Type"].startswith(kind)
+        assert b"database cannot be reached" in response.content
+    try:
+        raise ValueError("a bug")
+    except ValueError:
+        assert server_error(rf.get("/api/v1/cases/")).status_code == 500
