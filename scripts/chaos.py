@@ -298,6 +298,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=8.0, help="single-patch uploads per second while faults run")
     parser.add_argument("--json", default=str(ROOT / "var" / "chaos.json"))
     args = parser.parse_args()
+    # A SIGTERM runs the clean-up too: the workers live in sessions of their own and would outlive us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     faults = [
         f for f in (args.faults or ("kill,broker,disk,postgres" if args.long else "kill,broker,disk")).split(",") if f
     ]
