@@ -100,24 +100,29 @@ DATABASE_DOWN = "The database cannot be reached just now; nothing was stored. Tr
 DATABASE_RETRY_AFTER_S = 30
 
 
+def database_unavailable(request):
+    """503 with Retry-After for a request that met the database out of reach (a restart, a
+    failover): a lab system retries a 503, and an upload's files were removed with its transaction."""
+    if request.path.startswith("/api/"):
+        response = _json_problem(request, 503, DATABASE_DOWN)
+    else:
+        from django.http import HttpResponse
+
+        page = f"<!doctype html><title>Unavailable</title><h1>Unavailable</h1><p>{DATABASE_DOWN}</p>"
+        response = HttpResponse(page, status=503)
+    response["Retry-After"] = str(DATABASE_RETRY_AFTER_S)
+    return response
+
+
 def server_error(request):
-    """500: problem-details JSON under /api/, never an HTML page or a stack trace. When the error is
-    the database being out of reach (a restart, a failover), a 503 that says to try again: a lab
-    system retries a 503, and the upload's files were removed when its transaction failed."""
+    """500: problem-details JSON under /api/, never an HTML page or a stack trace; a 503 when the
+    error is the database being out of reach (raised before a view, e.g. loading the session)."""
     import sys
 
     from django.db import InterfaceError, OperationalError
 
     if isinstance(sys.exc_info()[1], (OperationalError, InterfaceError)):
-        if request.path.startswith("/api/"):
-            response = _json_problem(request, 503, DATABASE_DOWN)
-        else:
-            from django.http import HttpResponse
-
-            page = f"<!doctype html><title>Unavailable</title><h1>Unavailable</h1><p>{DATABASE_DOWN}</p>"
-            response = HttpResponse(page, status=503)
-        response["Retry-After"] = str(DATABASE_RETRY_AFTER_S)
-        return response
+        return database_unavailable(request)
     if request.path.startswith("/api/"):
         return _json_problem(request, 500, "The server could not complete the request; it has been logged.")
     from django.views.defaults import server_error as html_server_error

@@ -48,3 +48,27 @@ class RequestSizeLimitMiddleware:
                 return JsonResponse(problem(413, detail), status=413, content_type=PROBLEM_CONTENT_TYPE)
             return HttpResponse(detail, status=413, content_type="text/plain; charset=utf-8")
         return self.get_response(request)
+
+
+class DatabaseUnavailableMiddleware:
+    """A view that meets the database out of reach (a restart, a failover) answers 503 with
+    Retry-After, in every mode, instead of a 500 (or, under DEBUG, the debug page)."""
+
+    def __init__(self, get_response):
+        self.get_response = get_response
+
+    def __call__(self, request):
+        return self.get_response(request)
+
+    def process_exception(self, request, exception):
+        from django.db import InterfaceError, OperationalError
+
+        if isinstance(exception, (OperationalError, InterfaceError)):
+            import logging
+
+            from cloudiopsy.api import database_unavailable
+
+            logger = logging.getLogger(__name__)
+            logger.error("database unavailable during %s %s: %s", request.method, request.path, exception)
+            return database_unavailable(request)
+        return None

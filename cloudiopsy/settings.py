@@ -121,6 +121,7 @@ MIDDLEWARE = [
     "accounts.middleware.SecondFactorMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "cloudiopsy.middleware.NoStoreMiddleware",
+    "cloudiopsy.middleware.DatabaseUnavailableMiddleware",
     # Last, as django-axes asks: it turns a lockout raised during login into the lockout page.
     "axes.middleware.AxesMiddleware",
 ]

@@ -103,3 +103,15 @@ def test_database_out_of_reach_is_a_503_to_retry_not_a_500(rf):
         raise ValueError("a bug")
     except ValueError:
         assert server_error(rf.get("/api/v1/cases/")).status_code == 500
+
+
+def test_a_view_that_meets_the_database_down_answers_503_even_under_debug(rf):
+    from django.db import InterfaceError, OperationalError
+
+    from cloudiopsy.middleware import DatabaseUnavailableMiddleware
+
+    middleware = DatabaseUnavailableMiddleware(lambda request: None)
+    for error in (OperationalError("connection refused"), InterfaceError("connection already closed")):
+        response = middleware.process_exception(rf.post("/api/v1/cases/2/patches/"), error)
+        assert response.status_code == 503 and response["Retry-After"] == "30"
+    assert middleware.process_exception(rf.get("/cases/"), ValueError("a bug")) is None
