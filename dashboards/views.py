@@ -48,6 +48,18 @@ def _bad_period(message: str) -> HttpResponse:
     return HttpResponse(message, status=400, content_type="text/plain; charset=utf-8")
 
 
+def _content(request, dashboard: str):
+    """The dashboard's spec, its content for the request's period and the period; or, for a bad
+    period, the 400 to answer."""
+    spec = _dashboard(dashboard)
+    institution = _institution(request)
+    try:
+        period = period_from(request.GET)
+    except BadPeriod as exc:
+        return _bad_period(str(exc))
+    return spec, spec.content(institution=institution, period=period), period
+
+
 @login_required
 def index(request):
     _institution(request)
@@ -83,13 +95,10 @@ def page(request, dashboard: str):
 @login_required
 def chart(request, dashboard: str):
     """The dashboard's chart as a PNG; 404 when the page says there is nothing to chart."""
-    spec = _dashboard(dashboard)
-    institution = _institution(request)
-    try:
-        period = period_from(request.GET)
-    except BadPeriod as exc:
-        return _bad_period(str(exc))
-    content = spec.content(institution=institution, period=period)
+    found = _content(request, dashboard)
+    if isinstance(found, HttpResponse):
+        return found
+    spec, content, _ = found
     if content.chart_empty:
         raise Http404(content.chart_empty)
     from matplotlib.figure import Figure  # drawn off-screen: no pyplot, no global backend
@@ -102,13 +111,10 @@ def chart(request, dashboard: str):
 @login_required
 def table_csv(request, dashboard: str, table: str):
     """One table of the dashboard as CSV, for the same period; the download is audited."""
-    spec = _dashboard(dashboard)
-    institution = _institution(request)
-    try:
-        period = period_from(request.GET)
-    except BadPeriod as exc:
-        return _bad_period(str(exc))
-    content = spec.content(institution=institution, period=period)
+    found = _content(request, dashboard)
+    if isinstance(found, HttpResponse):
+        return found
+    spec, content, period = found
     found = content.table(table)
     if found is None:
         raise Http404("No such table.")
@@ -118,7 +124,7 @@ def table_csv(request, dashboard: str, table: str):
     writer.writerows(found.exported_rows())
     dashboard_export_record(
         user=request.user,
-        institution_id=institution.pk,
+        institution_id=_institution(request).pk,
         dashboard=spec.key,
         table=found.key,
         period=period,

@@ -49,6 +49,7 @@ bench.BROKER = "redis://127.0.0.1:6379/14"
 ROOT = bench.ROOT
 
 SHORT = {
+    "WORKER_HEARTBEAT_SECONDS": "2",  # a killed worker is taken for lost after 3 silent heartbeats
     "ANALYSIS_STALE_AFTER_SECONDS": "20",
     "CELERY_TASK_SOFT_TIME_LIMIT": "12",
     "CELERY_TASK_TIME_LIMIT": "15",
@@ -80,7 +81,7 @@ class Chaos:
         self.worker = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "cloudiopsy", "worker", "--pool", "solo", "--loglevel", "INFO",
              "--hostname", f"chaos-{time.monotonic_ns()}@%h", "--without-mingle", "--without-gossip"],
-            cwd=ROOT, env={**self.platform.env, "WORKER_HEARTBEAT_SECONDS": "2"}, stdout=log, stderr=log,
+            cwd=ROOT, env=self.platform.env, stdout=log, stderr=log,
             start_new_session=True,
         )  # fmt: skip
         self.platform.processes.append(self.worker)
