@@ -91,7 +91,8 @@ def _claim_release(token: uuid.UUID, *, reason: str) -> int:
     for wait in (0, *RELEASE_WAITS_S):
         time.sleep(wait)
         try:
-            close_old_connections()
+            if wait and not connection.in_atomic_block:
+                close_old_connections()  # drop the connection that broke; the next query reconnects
             with transaction.atomic():
                 held = list(
                     TissuePatch.objects.select_for_update()
