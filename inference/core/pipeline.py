@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+from PIL import Image
 
 from inference.core.model import PatchPrediction, Predictor
 from inference.core.preprocessing import decode_rgb, to_pixels
@@ -35,17 +36,31 @@ def prepare(predictor: Predictor, images: list[bytes]) -> tuple[list[PatchOutcom
         except ValueError as exc:
             outcomes.append(PatchOutcome(FAILED, f"stored image cannot be read: {exc}"))
             continue
-        quality = assess(image)
-        if not quality.ok:
-            outcomes.append(
-                PatchOutcome(UNASSESSABLE, quality.reason, reason_code=quality.code, measures=quality.measures)
-            )
-            continue
-        outcomes.append(PatchOutcome(DONE, measures=quality.measures))
-        decoded.append(image)
+        _quality_gate(image, outcomes, decoded)
     # uint8 at the input size: the predictor scales them straight into the runtime's input buffer.
     pixels = to_pixels(decoded, predictor.input_size) if decoded else None
     return outcomes, pixels
+
+
+def prepare_decoded(predictor: Predictor, images: list[Image.Image]) -> tuple[list[PatchOutcome], np.ndarray | None]:
+    """``prepare`` for images already decoded to RGB (tiles read from a whole-slide image): the
+    same quality check and resize, so a slide's tile takes the same path as an uploaded patch."""
+    outcomes: list[PatchOutcome] = []
+    passed: list[Image.Image] = []
+    for image in images:
+        _quality_gate(image if image.mode == "RGB" else image.convert("RGB"), outcomes, passed)
+    pixels = to_pixels(passed, predictor.input_size) if passed else None
+    return outcomes, pixels
+
+
+def _quality_gate(image: Image.Image, outcomes: list[PatchOutcome], passed: list[Image.Image]) -> None:
+    """Quality-check one decoded image: its outcome is appended, and the image too when it passed."""
+    quality = assess(image)
+    if not quality.ok:
+        outcomes.append(PatchOutcome(UNASSESSABLE, quality.reason, reason_code=quality.code, measures=quality.measures))
+        return
+    outcomes.append(PatchOutcome(DONE, measures=quality.measures))
+    passed.append(image)
 
 
 def infer(predictor: Predictor, outcomes: list[PatchOutcome], batch: np.ndarray | None) -> list[PatchOutcome]:
