@@ -54,12 +54,14 @@ browser-deps:
 # The serving path (naive vs served vs kernel, latency, memory; var/bench.json), then the platform
 # around it on PostgreSQL + Redis with real worker and web processes (drain vs kernel, uploads, a
 # 20 patches/s load test, two workers vs one; var/bench_platform.json) and audit appends
-# (var/bench_audit.json). The last two make and drop databases of their own on BENCH_DATABASE_URL's server.
+# (var/bench_audit.json), then whole-slide analysis with the slide core (var/bench_slides.json). bench_platform
+# and bench_audit make and drop databases of their own on BENCH_DATABASE_URL's server.
 BENCH_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 bench: venv
 	$(PY) scripts/bench.py --json var/bench.json
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) scripts/bench_platform.py --json var/bench_platform.json
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) scripts/bench_audit.py --json var/bench_audit.json
+	$(PY) scripts/bench_slides.py --json var/bench_slides.json
 
 # Faults while patches flow (scripts/chaos.py --long): 50 worker SIGKILLs, the broker restarted, the
 # image store full, PostgreSQL restarted, on real processes; lost / twice / half stored / recovery

@@ -78,7 +78,12 @@ def test_lab_manager_and_admin_open_every_dashboard_and_download_csv(
         ("site-admin", ("AI performance", "tumour"), ["demo v1", "3", "2", "0.6667", "0.2077", "0.9385"]),
     ):
         login(browser, live_server.url, username)
-        wait_text(browser, "h1", "Cases")
+        # A lab manager lands on the dashboards (no patient pages); an admin on the cases.
+        if username == "lab-manager":
+            wait_text(browser, "h1", "Turnaround")
+            assert not browser.find_elements(By.LINK_TEXT, "Cases")
+        else:
+            wait_text(browser, "h1", "Cases")
         browser.find_element(By.LINK_TEXT, "Dashboards").click()
         wait_text(browser, "h1", "Turnaround")
         _choose_period(browser)
