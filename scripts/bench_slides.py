@@ -102,7 +102,7 @@ def _worker(path: str, indices: list[int], started_at: float, out) -> None:
     all_chunks = slides.chunks(grid.coords, slides.DEFAULT_CHUNK_SIZE)
     with slides.slide_open(path) as slide:
         for i in indices:
-            slides.chunk_analyse(predictor, slide, grid, all_chunks[i])
+            slides.chunk_analyse(predictor, slide, grid, all_chunks[i], read_threads=1)
     out.put(time.perf_counter() - started_at)
 
 

@@ -234,6 +234,19 @@ def test_demo_model_finds_the_tumour_on_the_committed_slide(predictor):
     _check_regions_and_heatmap(results, truth)
 
 
+def test_reading_tiles_on_several_threads_gives_the_same_results(predictor):
+    """A chunk read on four threads holds exactly what it holds read on one, tile for tile."""
+    info = slides.slide_inspect(FIXTURE_SLIDE)
+    with slides.slide_open(FIXTURE_SLIDE) as slide:
+        mask = slides.tissue_detect(slide, info)
+        grid = slides.tile_grid(info, mask, model_mpp=slides.model_mpp_of(predictor.metadata))
+        chunk = slides.chunks(grid.coords, 48)[0]
+        one = slides.chunk_analyse(predictor, slide, grid, chunk, batch_size=16, read_threads=1)
+        four = slides.chunk_analyse(predictor, slide, grid, chunk, batch_size=16, read_threads=4)
+    assert np.array_equal(one.status, four.status) and np.array_equal(one.coords, four.coords)
+    np.testing.assert_array_equal(one.probabilities, four.probabilities)
+
+
 def test_demo_model_finds_the_tumour_on_a_slide_from_the_shared_tiles(tmp_path, predictor):
     data = shared_data()
     classes = ("NORM", "STR", "LYM", "MUS", "TUM")

@@ -26,8 +26,10 @@ from __future__ import annotations
 import contextlib
 import io
 import math
+import os
 import struct
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -709,41 +711,42 @@ def chunk_analyse(
     chunk: TileChunk,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    read_threads: int | None = None,
 ) -> ChunkResult:
     """Analyse one chunk's tiles through the served patch path: read -> quality check ->
     preprocess -> batched model (``pipeline.prepare_decoded`` / ``pipeline.infer``).
 
-    Only ``batch_size`` tiles are in memory at once.
+    Only ``batch_size`` tiles are in memory at once. A batch's tiles are read on ``read_threads``
+    threads (default: one per core, at most 4): OpenSlide is thread-safe and decodes without the
+    GIL, and decoding a 40x slide's JPEG tiles costs more than the model.
     """
     import time
-
-    from inference.core.pipeline import DONE, UNASSESSABLE, infer, prepare_decoded
 
     started = time.perf_counter()
     n = len(chunk.coords)
     probabilities = np.full((n, len(predictor.classes)), np.nan, dtype=np.float32)
     status = np.full(n, TILE_FAILED, dtype=np.uint8)
     reasons: dict[int, str] = {}
-    for start in range(0, n, batch_size):
-        images: list[Image.Image] = []
-        positions: list[int] = []
-        for i in range(start, min(start + batch_size, n)):
-            col, row = (int(v) for v in chunk.coords[i])
-            try:
-                images.append(tile_image(slide, grid, col, row))
-                positions.append(i)
-            except Exception as exc:  # OpenSlide raises its own errors for damaged tiles
-                reasons[i] = f"tile cannot be read: {exc}"
-        outcomes = infer(predictor, *prepare_decoded(predictor, images))
-        for i, outcome in zip(positions, outcomes, strict=True):
-            if outcome.status == DONE and outcome.prediction is not None:
-                status[i] = TILE_DONE
-                probabilities[i] = [outcome.prediction.scores[c] for c in predictor.classes]
-            elif outcome.status == UNASSESSABLE:
-                status[i] = TILE_UNASSESSABLE
-                reasons[i] = outcome.reason_code
-            else:
-                reasons[i] = outcome.reason
+    threads = read_threads or min(4, len(os.sched_getaffinity(0)))
+
+    def read(i: int) -> tuple[int, Image.Image | None, str]:
+        col, row = (int(v) for v in chunk.coords[i])
+        try:
+            return i, tile_image(slide, grid, col, row), ""
+        except Exception as exc:  # OpenSlide raises its own errors for damaged tiles
+            return i, None, f"tile cannot be read: {exc}"
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="slide-read") as pool:
+        for start in range(0, n, batch_size):
+            images: list[Image.Image] = []
+            positions: list[int] = []
+            for i, image, error in pool.map(read, range(start, min(start + batch_size, n))):
+                if image is None:
+                    reasons[i] = error
+                else:
+                    images.append(image)
+                    positions.append(i)
+            _batch_infer(predictor, images, positions, probabilities, status, reasons)
     return ChunkResult(
         index=chunk.index,
         coords=np.asarray(chunk.coords, dtype=np.int32),
@@ -752,6 +755,22 @@ def chunk_analyse(
         reasons=reasons,
         seconds=time.perf_counter() - started,
     )
+
+
+def _batch_infer(predictor, images, positions, probabilities, status, reasons) -> None:  # noqa: PLR0917
+    """Run one batch of read tiles through the patch path; write each tile's outcome at its position."""
+    from inference.core.pipeline import DONE, UNASSESSABLE, infer, prepare_decoded
+
+    outcomes = infer(predictor, *prepare_decoded(predictor, images))
+    for i, outcome in zip(positions, outcomes, strict=True):
+        if outcome.status == DONE and outcome.prediction is not None:
+            status[i] = TILE_DONE
+            probabilities[i] = [outcome.prediction.scores[c] for c in predictor.classes]
+        elif outcome.status == UNASSESSABLE:
+            status[i] = TILE_UNASSESSABLE
+            reasons[i] = outcome.reason_code
+        else:
+            reasons[i] = outcome.reason
 
 
 # ---------------------------------------------------------------------------------------------
