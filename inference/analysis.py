@@ -35,6 +35,11 @@ logger = logging.getLogger(__name__)
 MAX_ATTEMPTS = 3
 
 
+def _queue_order():
+    """Waiting patches in the order workers take them: urgent cases first, then the longest waiting."""
+    return (Case(When(case__priority=BiopsyCase.Priority.URGENT, then=0), default=1), "enqueued_at", "pk")
+
+
 def prediction_run(*, patch_ids: list[int], worker: str = "") -> dict[str, int]:
     """Analyse the queued patches among ``patch_ids`` with the active model.
 
@@ -100,13 +105,10 @@ def _claim_release(token: uuid.UUID, *, reason: str) -> int:
                     .select_related("case")
                     .order_by("pk")
                 )
-                TissuePatch.objects.filter(pk__in=[p.pk for p in held]).update(
-                    status=TissuePatch.Status.QUEUED, claim_token=None, enqueued_at=timezone.now()
-                )
+                ids = _running_requeue(held, now=timezone.now())
                 audit_record_many(
                     [_status_event(p, TissuePatch.Status.RUNNING, TissuePatch.Status.QUEUED, reason) for p in held]
                 )
-                ids = [p.pk for p in held]
                 transaction.on_commit(lambda ids=ids: patches_queued.send(sender=TissuePatch, patch_ids=ids))
             logger.warning("released %d patches of claim %s: %s", len(held), token, reason)
             return len(held)
@@ -114,6 +116,16 @@ def _claim_release(token: uuid.UUID, *, reason: str) -> int:
             logger.warning("cannot release claim %s yet: %s", token, exc)
     logger.error("claim %s not released: the reconciler will re-queue its patches after the stale timeout", token)
     return 0
+
+
+def _running_requeue(patches: list[TissuePatch], *, now) -> list[int]:
+    """Put RUNNING patches back in the queue: claim dropped, waiting time restarted. Their audit
+    events are the caller's, in the same append as its others. Returns their ids."""
+    ids = [patch.pk for patch in patches]
+    TissuePatch.objects.filter(id__in=ids, status=TissuePatch.Status.RUNNING).update(
+        status=TissuePatch.Status.QUEUED, claim_token=None, enqueued_at=now
+    )
+    return ids
 
 
 def _claim(patch_ids: list[int], token: uuid.UUID) -> int:
@@ -126,11 +138,7 @@ def _claim(patch_ids: list[int], token: uuid.UUID) -> int:
         extra: list[int] = []
         room = settings.INFERENCE_BATCH_SIZE - len(patch_ids)
         if settings.ANALYSIS_COALESCE and room > 0:
-            waiting = (
-                TissuePatch.objects.filter(status=queued)
-                .exclude(pk__in=patch_ids)
-                .order_by(Case(When(case__priority=BiopsyCase.Priority.URGENT, then=0), default=1), "enqueued_at", "pk")
-            )
+            waiting = TissuePatch.objects.filter(status=queued).exclude(pk__in=patch_ids).order_by(*_queue_order())
             if connection.features.has_select_for_update_skip_locked:
                 # Rows another worker is claiming right now are left to it, not waited for.
                 waiting = waiting.select_for_update(skip_locked=True, of=("self",))
@@ -365,14 +373,11 @@ def analysis_reconcile(*, stale_after: timedelta | None = None, broker_waiting: 
                 ),
             ]
         )
-        requeued_running = [p.pk for p in stale]
-        TissuePatch.objects.filter(id__in=requeued_running, status=TissuePatch.Status.RUNNING).update(
-            status=TissuePatch.Status.QUEUED, claim_token=None, enqueued_at=now
-        )
+        requeued_running = _running_requeue(stale, now=now)
         # Oldest first, urgent cases first: the order the workers' claims take them in.
         lost = list(
             TissuePatch.objects.filter(status=TissuePatch.Status.QUEUED, enqueued_at__lt=lost_cutoff)
-            .order_by(Case(When(case__priority=BiopsyCase.Priority.URGENT, then=0), default=1), "enqueued_at", "pk")
+            .order_by(*_queue_order())
             .values_list("id", flat=True)
         )
         TissuePatch.objects.filter(id__in=lost).update(enqueued_at=now)
