@@ -318,7 +318,9 @@ def test_queue_depth_is_asked_of_redis_and_rabbitmq(url):
         unavailable(f"the broker at {url.split('@')[-1]} is not reachable")
     name = f"test-metrics-{uuid.uuid4().hex[:12]}"
     queue = Queue(name, Exchange(name, type="direct"), routing_key=name)
-    with app.connection_for_write(url) as conn:
+    # Publisher confirms: RabbitMQ routes a message asynchronously, and without waiting for its
+    # confirm a declare on another channel may count fewer than were published (seen in CI: 1 of 3).
+    with app.connection_for_write(url, transport_options={"confirm_publish": True}) as conn:
         producer = Producer(conn.default_channel)
         for i in range(3):
             producer.publish({"n": i}, exchange=queue.exchange, routing_key=name, declare=[queue], serializer="json")
