@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 import errno
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO
 
@@ -169,12 +169,15 @@ def patch_upload(
     uploaded_by: User | LabSystem,
     files: Iterable[tuple[str, bytes | IO[bytes]]],
     rejected: list[tuple[str, str]] | None = None,
+    on_created: Callable[[list[TissuePatch]], None] | None = None,
 ) -> UploadResult:
     """Validate every file, store the valid ones and queue them for analysis.
 
     ``files`` holds (name, bytes or an open file); each file is read, decoded, checked and written
     to storage on its own, so a request holds one decoded image at a time. ``rejected`` lists
-    files the caller already refused (name, reason), reported alongside.
+    files the caller already refused (name, reason), reported alongside. ``on_created`` is called
+    with the new patches inside the transaction (a slide's regions are linked to them there); if it
+    raises, nothing is kept.
 
     The files are written before the transaction, which only inserts the rows (one insert) and
     their audit events (one append); if it rolls back the files are removed. The analysis task
@@ -246,6 +249,8 @@ def patch_upload(
             if not case_transition(case_ids=[case.pk], to=BiopsyCase.Status.ANALYSING, actor=uploaded_by):
                 cases_touch(case_ids=[case.pk])  # already analysing: it has new patches all the same
             case.refresh_from_db(fields=["status", "updated_at"])
+            if on_created is not None:
+                on_created(patches)
             ids = [p.pk for p in patches]
             transaction.on_commit(lambda: patches_queued.send(sender=TissuePatch, patch_ids=ids))
     except BaseException:

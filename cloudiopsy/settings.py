@@ -60,6 +60,16 @@ def env_int(name: str, default: int) -> int:
         raise ImproperlyConfigured(f"{name} must be an integer, not {value!r}") from None
 
 
+def env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return float(value)
+    except ValueError:
+        raise ImproperlyConfigured(f"{name} must be a number, not {value!r}") from None
+
+
 def env_list(name: str, default: str) -> list[str]:
     return [item.strip() for item in os.environ.get(name, default).split(",") if item.strip()]
 
@@ -100,6 +110,7 @@ INSTALLED_APPS = [
     "audit",
     "backups",
     "dashboards",
+    "slides",
 ]
 
 MIDDLEWARE = [
@@ -329,6 +340,23 @@ WORKER_HEARTBEAT_SECONDS = env_int("WORKER_HEARTBEAT_SECONDS", 10)
 # the reconciler hands them on without waiting for ANALYSIS_STALE_AFTER_SECONDS.
 WORKER_LOST_AFTER_SECONDS = env_int("WORKER_LOST_AFTER_SECONDS", 3 * WORKER_HEARTBEAT_SECONDS)
 
+# Whole-slide images (slides/). A slide arrives in pieces of at most SLIDE_UPLOAD_PIECE_BYTES into
+# SLIDE_UPLOAD_DIR (on a disk the web processes share, with room for the largest slide), is opened
+# by OpenSlide and checked without reading its pixels, then moved to storage as uploaded.
+SLIDE_MAX_BYTES = env_int("SLIDE_MAX_BYTES", 8 * 1024**3)
+SLIDE_MAX_PIXELS = env_int("SLIDE_MAX_PIXELS", 25_000_000_000)
+SLIDE_UPLOAD_PIECE_BYTES = env_int("SLIDE_UPLOAD_PIECE_BYTES", 32 * 1024 * 1024)
+SLIDE_UPLOAD_DIR = Path(env_str("SLIDE_UPLOAD_DIR", str(DATA_DIR / "slide-uploads"))).resolve()
+# An upload with no new piece for this long is abandoned and its partial file removed.
+SLIDE_UPLOAD_EXPIRE_HOURS = env_int("SLIDE_UPLOAD_EXPIRE_HOURS", 48)
+# Workers whose storage has no local path (S3) keep a copy of each slide they read here.
+SLIDE_CACHE_DIR = Path(env_str("SLIDE_CACHE_DIR", str(DATA_DIR / "slide-cache"))).resolve()
+# Tissue tiles per worker task, and the most suspicious tiles that become patches for review.
+SLIDE_CHUNK_TILES = env_int("SLIDE_CHUNK_TILES", 256)
+SLIDE_REGIONS = env_int("SLIDE_REGIONS", 12)
+# A grid tile is analysed when at least this share of it is tissue.
+SLIDE_MIN_TISSUE = env_float("SLIDE_MIN_TISSUE", 0.25)
+
 # Trust at each site. A model version's results count as validated at an institution only after a
 # passing `validate_site` there: at least this many patches of each class, tumour sensitivity at or
 # above the target. Off DEBUG, activating a version not validated at every institution needs --force.
@@ -421,6 +449,7 @@ CELERY_BEAT_SCHEDULE = {
         "task": "inference.tasks.analysis_reconcile",
         "schedule": float(RECONCILE_INTERVAL_SECONDS),
     },
+    "reconcile-slides": {"task": "slides.tasks.slide_reconcile", "schedule": float(RECONCILE_INTERVAL_SECONDS)},
     "purge-idempotency-keys": {"task": "accounts.tasks.idempotency_purge", "schedule": 3600.0},
     "sweep-webhook-deliveries": {"task": "webhooks.tasks.webhook_sweep", "schedule": 60.0},
     "anchor-audit-trail": {"task": "audit.tasks.audit_anchor_write", "schedule": 3600.0},

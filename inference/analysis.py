@@ -308,6 +308,8 @@ def case_status_refresh(*, case_ids: list[int]) -> None:
     ready = list(
         BiopsyCase.objects.filter(pk__in=case_ids, status=BiopsyCase.Status.ANALYSING)
         .exclude(patches__status__in=TissuePatch.PENDING)
+        # A slide still being analysed will add its suspicious regions as patches (slides.Slide.PENDING).
+        .exclude(slides__status__in=("queued", "tiling", "analysing", "finishing"))
         .values_list("pk", flat=True)
     )
     moved = case_transition(case_ids=ready, to=BiopsyCase.Status.READY_FOR_REVIEW, actor=WORKER)
