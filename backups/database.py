@@ -47,10 +47,18 @@ class Snapshot:
 
 def stored_file_sources() -> list[tuple[str, str, str, str]]:
     """(table, id column, storage-name column, sha256 column) of every model whose rows name a
-    stored file. A model that stores files in ``default_storage`` must be listed here."""
-    meta = TissuePatch._meta
+    stored file. A model that stores files in ``default_storage`` must be listed here. Rows with
+    an empty name (a slide not analysed yet has no result arrays) name no file."""
+    from slides.models import Slide
+
+    def source(model, name: str, sha: str) -> tuple[str, str, str, str]:
+        meta = model._meta
+        return (meta.db_table, meta.pk.column, meta.get_field(name).column, meta.get_field(sha).column)
+
     return [
-        (meta.db_table, meta.pk.column, meta.get_field("storage_name").column, meta.get_field("sha256").column),
+        source(TissuePatch, "storage_name", "sha256"),
+        source(Slide, "storage_name", "sha256"),  # the slide as uploaded
+        source(Slide, "results_name", "results_sha256"),  # its per-tile results (the viewer's heatmap)
     ]
 
 
@@ -140,7 +148,7 @@ def snapshot_read(cursor, vendor: str, *, taken_at: str) -> Snapshot:
     for table, id_column, name_column, sha_column in stored_file_sources():
         cursor.execute(
             f"SELECT {quote(id_column)}, {quote(name_column)}, {quote(sha_column)} "  # noqa: S608
-            f"FROM {quote(table)} ORDER BY {quote(id_column)}"
+            f"FROM {quote(table)} WHERE {quote(name_column)} <> '' ORDER BY {quote(id_column)}"
         )
         files += [StoredFile(table, int(row_id), name, sha) for row_id, name, sha in cursor.fetchall()]
     cursor.execute(

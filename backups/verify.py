@@ -124,7 +124,7 @@ def _files_now() -> Iterable[StoredFile]:
         for table, id_column, name_column, sha_column in stored_file_sources():
             cursor.execute(
                 f"SELECT {quote(id_column)}, {quote(name_column)}, {quote(sha_column)} "  # noqa: S608
-                f"FROM {quote(table)} ORDER BY {quote(id_column)}"
+                f"FROM {quote(table)} WHERE {quote(name_column)} <> '' ORDER BY {quote(id_column)}"
             )
             for row_id, name, sha in cursor.fetchall():
                 yield StoredFile(table, int(row_id), name, sha)

@@ -23,6 +23,7 @@ slide: tile results travel as one small array file per chunk.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -399,7 +400,8 @@ def slide_finish(*, slide_id: int, worker: str = "") -> dict[str, int]:
     slide = Slide.objects.select_related("case", "model_version").get(pk=slide_id)
     version = slide.model_version
     results = slide_results(slide)
-    results_name = storage.bytes_store(f"{slide.work_prefix}/results.npz", core.results_save(results))
+    results_bytes = core.results_save(results)
+    results_name = storage.bytes_store(f"{slide.work_prefix}/results.npz", results_bytes)
     point = operating_point(institution_id=slide.case.institution_id, model_version=version)
     has_tumour_class = POSITIVE_CLASS in results.classes
     regions: list[core.Region] = []
@@ -431,6 +433,7 @@ def slide_finish(*, slide_id: int, worker: str = "") -> dict[str, int]:
             status=Slide.Status.DONE,
             claim_token=None,
             results_name=results_name,
+            results_sha256=hashlib.sha256(results_bytes).hexdigest(),
             tumour_fraction=fraction,
             tumour_threshold=point.threshold if has_tumour_class else None,
             suspected_tumour=suspected,

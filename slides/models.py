@@ -65,6 +65,7 @@ class Slide(models.Model):
     chunks_total = models.PositiveIntegerField(default=0)
     chunks_finished = models.PositiveIntegerField(default=0, help_text="Chunks with an outcome (done or failed).")
     results_name = models.CharField(max_length=200, blank=True, help_text="Per-tile result arrays (.npz) in storage.")
+    results_sha256 = models.CharField(max_length=64, blank=True, help_text="SHA-256 of the result arrays file.")
     tumour_fraction = models.FloatField(
         null=True, blank=True, help_text="Share of analysed tissue area with TUM at or above the threshold, 0..1."
     )

@@ -476,3 +476,24 @@ def test_demo_backup_restores_into_s3_storage(demo_platform, tmp_path):
         assert not (tmp_path / "target" / "media").exists()  # nothing on local disk
     finally:
         server.stop()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_backup_holds_each_slide_as_uploaded_and_its_result_arrays(clinician, demo_model, tmp_path, settings):
+    from slides.jobs import slide_run_inline
+    from slides.models import Slide
+    from slides.services import slide_register
+
+    fixture = ROOT / "tests" / "fixtures" / "slides" / "mosaic-small.tiff"
+    case = new_case(clinician)
+    analysed = slide_run_inline(slide_register(case=case, actor=clinician, path=fixture, name="a.tiff").pk)
+    waiting = slide_register(case=case, actor=clinician, path=fixture, name="b.tiff")  # no results yet
+    backup(tmp_path / "backup", "--quiet")
+    manifest = json.loads((tmp_path / "backup" / "manifest.json").read_text())
+    folder = tmp_path / "backup" / "media"
+    assert sha256(folder / analysed.storage_name) == analysed.sha256 == sha256(fixture)
+    assert sha256(folder / waiting.storage_name) == waiting.sha256
+    assert sha256(folder / analysed.results_name) == analysed.results_sha256
+    assert Slide.objects.get(pk=waiting.pk).results_name == ""
+    # Both slides, one result file, and the 12 region patches of the analysed slide.
+    assert manifest["stored_files"]["count"] == 2 + 1 + 12 and not manifest["problems"]
