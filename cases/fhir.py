@@ -156,6 +156,87 @@ def _observation(patch: TissuePatch, prediction, refs: dict) -> dict:
     return observation
 
 
+def _slides(case: BiopsyCase) -> list:
+    from slides.models import Slide
+
+    return list(
+        Slide.objects.filter(case=case).select_related("model_version").prefetch_related("regions").order_by("id")
+    )
+
+
+def _slide_observation(slide, refs: dict, institution_id: int) -> dict:
+    """A whole-slide image's AI result: tumour area fraction at the site's operating point, whether
+    tumour is suspected, and its most suspicious regions, each a patch of the case whose own
+    Observation (and review) the bundle holds once it is analysed."""
+    from inference.selectors import operating_point
+
+    point = operating_point(institution_id=institution_id, model_version=slide.model_version)
+    unit = {"unit": "1", "system": "http://unitsofmeasure.org", "code": "1"}
+    components = [
+        {
+            "code": {"coding": [{"system": OBSERVATION_CODES, "code": "tumour-threshold"}]},
+            "valueQuantity": {"value": round(float(slide.tumour_threshold or 0), 6), **PROBABILITY_UNIT},
+        },
+        {
+            "code": {"coding": [{"system": OBSERVATION_CODES, "code": "suspected-tumour"}]},
+            "valueBoolean": bool(slide.suspected_tumour),
+        },
+        {
+            "code": {
+                "coding": [{"system": OBSERVATION_CODES, "code": "tiles-analysed"}],
+                "text": "Tissue tiles analysed",
+            },
+            "valueQuantity": {"value": slide.tiles_done, **unit},
+        },
+        {
+            "code": {"coding": [{"system": OBSERVATION_CODES, "code": "tiles-total"}], "text": "Tissue tiles"},
+            "valueQuantity": {"value": slide.tiles_total, **unit},
+        },
+    ]
+    regions = sorted(slide.regions.all(), key=lambda r: r.rank)
+    for region in regions:
+        components.append(
+            {
+                "code": {
+                    "coding": [{"system": OBSERVATION_CODES, "code": "suspicious-region"}],
+                    "text": f"Region {region.rank}: level-0 pixels x {region.x}, y {region.y}, "
+                    f"{region.width} x {region.height}" + (f"; patch {region.patch_id}" if region.patch_id else ""),
+                },
+                "valueQuantity": {"value": round(float(region.score), 6), **PROBABILITY_UNIT},
+            }
+        )
+    suspected = bool(slide.suspected_tumour)
+    return {
+        "resourceType": "Observation",
+        "id": f"slide-{slide.pk}",
+        "extension": [{"url": VALIDATED_AT_SITE, "valueBoolean": point.validated}],
+        "status": "preliminary",
+        "code": {
+            "coding": [{"system": f"{SYSTEM}/CodeSystem/observation", "code": "ai-slide-tumour-fraction"}],
+            "text": "AI tumour area fraction of a whole-slide image",
+        },
+        "subject": {"reference": refs["patient"]},
+        "specimen": {"reference": refs["specimen"]},
+        "issued": slide.finished_at.isoformat() if slide.finished_at else None,
+        "valueQuantity": {"value": round(float(slide.tumour_fraction or 0), 6), **unit},
+        "interpretation": [
+            {
+                "coding": [{"system": INTERPRETATION, "code": "POS" if suspected else "NEG"}],
+                "text": f"{'Suspected tumour' if suspected else 'Not suspected of tumour'} on the slide at the "
+                f"{'site' if point.validated else 'model'}'s threshold {_number(slide.tumour_threshold or 0)}",
+            }
+        ],
+        "method": {"text": str(slide.model_version)},
+        "note": [
+            {
+                "text": f"Slide {slide.original_name} ({slide.width} x {slide.height} px at {slide.mpp:g} µm/px, "
+                f"sha256 {slide.sha256}); {len(regions)} most suspicious regions are patches of this case for review."
+            }
+        ],
+        "component": components,
+    }
+
+
 def case_bundle(case: BiopsyCase) -> dict:
     """The case as a FHIR R4 ``collection`` Bundle (a plain dict, ready for JSON)."""
     patient, inst = case.patient, case.institution_id
@@ -206,7 +287,16 @@ def case_bundle(case: BiopsyCase) -> dict:
         labels.append(prediction.label)
         suspected += prediction.suspected_tumour is True
         not_validated += not prediction.validated_at_site
-    pending = sum(p.status in TissuePatch.PENDING for p in case.patches.all())
+    slides_pending = 0
+    for slide in _slides(case):
+        if slide.status != "done":
+            slides_pending += slide.status != "failed"
+            continue
+        ref = _urn("slide-observation", slide.pk, inst)
+        entries.append((ref, _slide_observation(slide, refs, inst)))
+        results.append({"reference": ref})
+    patches_pending = sum(p.status in TissuePatch.PENDING for p in case.patches.all())
+    pending = patches_pending + slides_pending
     tumour = labels.count("TUM")
     sign_out = getattr(case, "sign_out", None)
     addenda = list(case.addenda.all())
@@ -222,7 +312,10 @@ def case_bundle(case: BiopsyCase) -> dict:
         conclusion = (
             f"AI analysis (not yet reviewed by a pathologist): {tumour} of {len(labels)} analysed patches classified "
             f"as adenocarcinoma epithelium (TUM); {suspected} suspected of tumour (TUM probability at or above "
-            f"the operating point)" + (f"; {pending} patches still being analysed." if pending else ".")
+            f"the operating point)"
+            + (f"; {patches_pending} patches still being analysed" if patches_pending else "")
+            + (f"; {slides_pending} slides still being analysed" if slides_pending else "")
+            + "."
         )
         if not_validated:
             conclusion += (

@@ -1,6 +1,7 @@
 from django.urls import path
 
 from cases import views
+from slides import pages as slide_pages
 
 app_name = "cases"
 urlpatterns = [
@@ -12,6 +13,7 @@ urlpatterns = [
     path("<int:pk>/assign/", views.case_assign_view, name="assign"),
     path("<int:pk>/", views.case_detail, name="detail"),
     path("<int:pk>/upload/", views.case_upload, name="upload"),
+    path("<int:pk>/slides/upload/", slide_pages.case_slide_upload, name="slide_upload"),
     path("<int:pk>/patches/<int:patch_id>/image/", views.patch_image, name="patch_image"),
     path("<int:pk>/patches/<int:patch_id>/heatmap/<str:label>/", views.patch_heatmap, name="patch_heatmap"),
     path("<int:pk>/patches/<int:patch_id>/review/", views.patch_review, name="patch_review"),

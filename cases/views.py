@@ -48,6 +48,7 @@ from cases.uploads import read_uploads
 from cloudiopsy.charts import figure_response
 from inference.core.explain import render_heatmap
 from inference.core.preprocessing import decode_rgb
+from slides.selectors import slides_of_case
 
 THUMBNAIL_SIDE = 224
 
@@ -221,6 +222,7 @@ def _render_case(
         {
             "case": case,
             "patches": patches,
+            "slides": slides_of_case(case=case),
             "pending": pending and not upload_errors,
             "upload_errors": upload_errors,
             "any_heatmap": any_heatmap,

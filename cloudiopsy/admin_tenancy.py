@@ -38,6 +38,8 @@ TENANT_PATHS: dict[str, str | None] = {
     "webhooks.webhookendpoint": "lab_system__institution",
     "webhooks.webhookdelivery": "case__institution",
     "audit.auditevent": "institution_id",
+    "slides.slide": "case__institution",
+    "slides.slidechunk": "slide__case__institution",
 }
 
 # Never written to the audit trail (nor any "*_hash" or "*_encrypted" field); a change to one is

@@ -506,6 +506,13 @@ if env_str("REDIS_CACHE_URL"):
     }
 else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}}
+# Deep Zoom tiles of slides (slides/viewer.py), kept apart so that they never evict the rate
+# limiter's counts: in each web process's memory, about 20 KB a tile.
+CACHES["slide_tiles"] = {
+    "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
+    "LOCATION": "slide-tiles",
+    "OPTIONS": {"MAX_ENTRIES": env_int("SLIDE_TILE_CACHE_ENTRIES", 2000)},
+}
 
 SESSION_COOKIE_HTTPONLY = True
 # A session ends after SESSION_IDLE_TIMEOUT seconds without a request, when the browser closes, and

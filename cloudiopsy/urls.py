@@ -7,12 +7,16 @@ from accounts import views as accounts_views
 from cases import api as cases_api
 from cloudiopsy.health import healthz
 from cloudiopsy.metrics import metrics_view
+from slides import api as slides_api
 
 api_v1 = [
     path("cases/", cases_api.CaseListCreate.as_view(), name="case-list"),
     path("cases/<int:pk>/", cases_api.CaseDetail.as_view(), name="case-detail"),
     path("cases/<int:pk>/patches/", cases_api.CasePatchUpload.as_view(), name="case-patches"),
     path("cases/<int:pk>/fhir/", cases_api.CaseFhir.as_view(), name="case-fhir"),
+    path("cases/<int:pk>/slides/", slides_api.CaseSlides.as_view(), name="case-slides"),
+    path("slide-uploads/<uuid:pk>/", slides_api.SlideUploadDetail.as_view(), name="slide-upload"),
+    path("slides/<int:pk>/", slides_api.SlideDetail.as_view(), name="slide-detail"),
     path("patches/<int:pk>/", cases_api.PatchDetail.as_view(), name="patch-detail"),
     path("patches/<int:pk>/image/", cases_api.PatchImage.as_view(), name="patch-image"),
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
@@ -30,6 +34,7 @@ urlpatterns = [
     path("cases/", include("cases.urls")),
     path("monitoring/", include("inference.urls")),
     path("dashboards/", include("dashboards.urls")),
+    path("slides/", include("slides.urls")),
     path("api/v1/", include((api_v1, "api"), namespace="api")),
     path("healthz", healthz, name="healthz"),
     path("metrics", metrics_view, name="metrics"),

@@ -51,6 +51,8 @@ def png_bytes(size=(224, 224), color=(200, 120, 160), mode="RGB") -> bytes:
 @pytest.fixture(autouse=True)
 def _media_root(settings, tmp_path):
     settings.MEDIA_ROOT = tmp_path / "media"
+    settings.SLIDE_UPLOAD_DIR = tmp_path / "slide-uploads"
+    settings.SLIDE_CACHE_DIR = tmp_path / "slide-cache"
     return settings.MEDIA_ROOT
 
 

@@ -92,6 +92,23 @@ def _populate(institution: Institution, marker: str, version: ModelVersion) -> d
         passed=False,
         actor=f"{marker}-validator",
     )
+    from slides.models import Slide, SlideChunk
+
+    slide = Slide.objects.create(
+        case=case,
+        storage_name=Slide.new_storage_name(institution.pk, ".svs"),
+        original_name=f"{marker}.svs",
+        sha256="0" * 64,
+        size_bytes=1,
+        vendor="aperio",
+        width=1000,
+        height=1000,
+        mpp=0.25,
+        mpp_source="file",
+        levels=[[1000, 1000, 1.0]],
+        enqueued_at=timezone.now(),
+    )
+    SlideChunk.objects.create(slide=slide, index=0, start=0, stop=1, enqueued_at=timezone.now())
     lab, _key = lab_system_create(institution=institution, name=f"{marker} LIS")
     endpoint, secret = endpoint_set(lab_system=lab, url=f"https://{marker}.example.org/hook")
     WebhookDelivery.objects.create(endpoint=endpoint, event="case.signed_out", case=case, payload={})

@@ -40,8 +40,9 @@ APPEND = {"sqlite": 4, "postgresql": 5}
 BUDGETS: dict[str, tuple[int, int]] = {
     # session, user, second factor, institution; the case (patient, institution, sign-out and its
     # pathologist), patches, predictions (model version, site validation), reviews (pathologist),
-    # addenda (pathologist); the case history (prediction ids, events); the patient read.
-    "case page": (11, 1),
+    # addenda (pathologist); the case's slides; the case history (prediction ids, events); the
+    # patient read.
+    "case page": (12, 1),
     # session, user, second factor, institution; the cases annotated with their AI summary;
     # counts per status; the patient read (the admin: and the pathologists to assign to).
     "worklist pathologist": (6, 1),
@@ -52,10 +53,10 @@ BUDGETS: dict[str, tuple[int, int]] = {
     "api case list": (3, 1),
     # token; the case and its results as for the case page; the patient read.
     "api case detail lab system": (6, 1),
-    "api fhir detail lab system": (6, 1),
+    "api fhir detail lab system": (7, 1),  # and the case's slides
     # session, user, second factor, institution instead of the token.
     "api case detail pathologist": (9, 1),
-    "api fhir detail pathologist": (9, 1),
+    "api fhir detail pathologist": (10, 1),
     # token; patch and case; predictions (model version); reviews.
     "api patch detail": (4, 0),
     # savepoint; the case locked; unreviewed patches; their predictions; (second read: the case's

@@ -40,9 +40,7 @@ def media_root(_media_root):
 
 
 @pytest.fixture(autouse=True)
-def _slide_dirs(settings, tmp_path):
-    settings.SLIDE_UPLOAD_DIR = tmp_path / "slide-uploads"
-    settings.SLIDE_CACHE_DIR = tmp_path / "slide-cache"
+def _small_chunks(settings):
     settings.SLIDE_CHUNK_TILES = 16  # the committed slide's 98 tissue tiles in 7 chunks
 
 
