@@ -4,7 +4,8 @@ Django-free core (inference/core/slides.py), on slides written from real tiles:
 (a) per tile: the slide path (read the region, resample 0.25 -> 0.5 µm/px, quality check, model)
     against today's patch path (stored bytes -> decode -> quality check -> model) on the same tiles,
     one process, all cores; ratio (target >= 0.8); and the same for a 20x (0.5 µm/px) slide, read
-    without resampling;
+    without resampling. The slide path reads tiles as the workers do (the direct JPEG tile reader
+    of a tiled TIFF, ``inference/core/tiff_tiles.py``); the same through OpenSlide is beside it;
 (b) one slide (four times the tissue of (a)) in chunks of 256 tiles by one process against two
     processes taking alternate chunks, one model thread each, model loading included (ratio;
     target >= 1.7);
@@ -12,8 +13,9 @@ Django-free core (inference/core/slides.py), on slides written from real tiles:
     process analysing a slide, for a slide and the same tissue on 16 times the glass (peak RSS must
     not grow with slide size).
 
-The platform's distributed slide job (Celery chunks, storage, progress) is not built yet: these are
-the figures of the code it will run. Usage: python scripts/bench_slides.py [--json OUT]
+These are the figures of the code the platform's slide job runs in each worker;
+``scripts/bench_slide_workers.py`` measures the job itself across real Celery workers.
+Usage: python scripts/bench_slides.py [--json OUT]
 """
 
 from __future__ import annotations
@@ -72,12 +74,16 @@ def per_tile(path: Path) -> dict:
     from inference.core.model import Predictor
 
     predictor = Predictor(MODEL)
-    _, grid = _grid(path, predictor)
+    info, grid = _grid(path, predictor)
     with slides.slide_open(path) as slide:
+        reader = _reader(path, info, grid, slide)
         chunk = slides.chunks(grid.coords, len(grid.coords))[0]
         slides.chunk_analyse(predictor, slide, grid, slides.chunks(grid.coords[:64], 64)[0])  # warm up
         started = time.perf_counter()
         slides.chunk_analyse(predictor, slide, grid, chunk)
+        openslide_s = time.perf_counter() - started
+        started = time.perf_counter()
+        slides.chunk_analyse(predictor, slide, grid, chunk, reader=reader)
         slide_s = time.perf_counter() - started
         stored = []  # as the platform stores an upload: re-encoded losslessly (BMP)
         for col, row in grid.coords:
@@ -89,8 +95,17 @@ def per_tile(path: Path) -> dict:
         pipeline.analyse(predictor, stored[start : start + slides.DEFAULT_BATCH_SIZE])
     patch_s = time.perf_counter() - started
     n = len(grid.coords)
-    return {"tiles": n, "slide_tiles_per_s": round(n / slide_s, 1), "patch_tiles_per_s": round(n / patch_s, 1),
-            "slide_vs_patch": round(patch_s / slide_s, 3)}  # fmt: skip
+    return {"tiles": n, "direct_reader": reader is not None, "slide_tiles_per_s": round(n / slide_s, 1),
+            "openslide_tiles_per_s": round(n / openslide_s, 1), "patch_tiles_per_s": round(n / patch_s, 1),
+            "slide_vs_patch": round(patch_s / slide_s, 3),
+            "openslide_vs_patch": round(patch_s / openslide_s, 3)}  # fmt: skip
+
+
+def _reader(path: Path, info, grid, slide):
+    """The direct JPEG tile reader the platform's workers use, where the slide allows it."""
+    from inference.core import slides
+
+    return slides.tile_reader(path, grid, level_size=info.levels[grid.level][:2], slide=slide)
 
 
 def _worker(path: str, indices: list[int], started_at: float, out) -> None:
@@ -98,11 +113,12 @@ def _worker(path: str, indices: list[int], started_at: float, out) -> None:
     from inference.core.model import Predictor
 
     predictor = Predictor(MODEL, num_threads=1)
-    _, grid = _grid(Path(path), predictor)
+    info, grid = _grid(Path(path), predictor)
     all_chunks = slides.chunks(grid.coords, slides.DEFAULT_CHUNK_SIZE)
     with slides.slide_open(path) as slide:
+        reader = _reader(Path(path), info, grid, slide)
         for i in indices:
-            slides.chunk_analyse(predictor, slide, grid, all_chunks[i], read_threads=1)
+            slides.chunk_analyse(predictor, slide, grid, all_chunks[i], read_threads=1, reader=reader)
     out.put(time.perf_counter() - started_at)
 
 
@@ -133,9 +149,10 @@ def _whole(path: str, out) -> None:
     info, grid = _grid(Path(path), predictor)
     first = None
     with slides.slide_open(path) as slide:
+        reader = _reader(Path(path), info, grid, slide)
         results = slides.results_new(grid, predictor.classes)
         for chunk in slides.chunks(grid.coords, slides.DEFAULT_CHUNK_SIZE):
-            slides.results_add(results, slides.chunk_analyse(predictor, slide, grid, chunk))
+            slides.results_add(results, slides.chunk_analyse(predictor, slide, grid, chunk, reader=reader))
             first = first or time.perf_counter() - started
     peak_kb = next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:"))
     out.put({"pixels": f"{info.width} x {info.height}", "tiles": len(grid.coords), "first_result_s": round(first, 2),
@@ -197,10 +214,11 @@ def main() -> int:
     Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     tile, scaling = result["per_tile"], result["scaling"]
     print(f"\n(a) {tile['tiles']} tiles: slide path {tile['slide_tiles_per_s']}/s, "
-          f"patch path {tile['patch_tiles_per_s']}/s = {tile['slide_vs_patch']}x (>= 0.8)")  # fmt: skip
+          f"patch path {tile['patch_tiles_per_s']}/s = {tile['slide_vs_patch']}x (>= 0.8); "
+          f"through OpenSlide {tile['openslide_tiles_per_s']}/s = {tile['openslide_vs_patch']}x")  # fmt: skip
     tile20 = result["per_tile_20x"]
     print(f"    20x slide: slide path {tile20['slide_tiles_per_s']}/s, patch path {tile20['patch_tiles_per_s']}/s "
-          f"= {tile20['slide_vs_patch']}x")  # fmt: skip
+          f"= {tile20['slide_vs_patch']}x; through OpenSlide {tile20['openslide_vs_patch']}x")  # fmt: skip
     print(f"(b) {scaling['chunks']} chunks: one process {scaling['one_s']} s, two {scaling['two_s']} s "
           f"= {scaling['two_vs_one']}x (>= 1.7)")  # fmt: skip
     for name in ("small", "large"):

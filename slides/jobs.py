@@ -114,20 +114,26 @@ def _grid(slide: Slide) -> core.TileGrid:
     return grid
 
 
-def _opened(slide: Slide):
-    """An OpenSlide handle of the slide, kept open for its next chunks (OpenSlide is thread-safe)."""
+def _opened(slide: Slide, grid: core.TileGrid):
+    """An OpenSlide handle of the slide and, for a tiled JPEG TIFF, its direct tile reader
+    (``core.tile_reader``), kept open for its next chunks (both are thread-safe)."""
     import openslide
 
     with _cache_lock:
         if slide.pk in _open:
             _open.move_to_end(slide.pk)
             return _open[slide.pk]
-    handle = openslide.OpenSlide(str(storage.slide_local_path(slide.storage_name, slide.sha256)))
+    path = storage.slide_local_path(slide.storage_name, slide.sha256)
+    handle = openslide.OpenSlide(str(path))
+    reader = core.tile_reader(path, grid, level_size=slide.levels[grid.level][:2], slide=handle)
     with _cache_lock:
-        _open[slide.pk] = handle
+        _open[slide.pk] = (handle, reader)
         while len(_open) > CACHED_SLIDES:
-            _open.popitem(last=False)[1].close()
-    return handle
+            old_handle, old_reader = _open.popitem(last=False)[1]
+            old_handle.close()
+            if old_reader is not None:
+                old_reader.close()
+    return handle, reader
 
 
 def _slide_mpp(slide: Slide) -> float | None:
@@ -294,7 +300,8 @@ def slide_chunk_run(*, slide_id: int, index: int, worker: str = "") -> dict[str,
         piece = core.TileChunk(
             index=index, start=chunk.start, stop=chunk.stop, coords=grid.coords[chunk.start : chunk.stop]
         )
-        result = core.chunk_analyse(predictor, _opened(slide), grid, piece)
+        handle, reader = _opened(slide, grid)
+        result = core.chunk_analyse(predictor, handle, grid, piece, reader=reader)
         name = storage.bytes_store(
             _chunk_name(slide, index, token),
             storage.npz_bytes(

@@ -514,3 +514,85 @@ def test_peak_memory_does_not_grow_with_slide_size(tmp_path):
     # The tiling job also holds the tissue mask (a few bytes per 8 x 8 µm: 6 MB per mask array
     # for this 2 x 2 cm slide) besides one block of the low level.
     assert large["detect_growth"] < 200 * mib
+
+
+# --- the direct reader of tiled JPEG TIFFs -------------------------------------------------------
+
+
+def _grid_of(path):
+    info = slides.slide_inspect(path)
+    with slides.slide_open(path) as slide:
+        return info, slides.tile_grid(info, slides.tissue_detect(slide, info), model_mpp=0.5)
+
+
+def _reader_and_openslide_differ(path) -> tuple[bool, float]:
+    """(a checked reader was made, mean absolute difference to OpenSlide over every tile)."""
+    info, grid = _grid_of(path)
+    with slides.slide_open(path) as slide:
+        reader = slides.tile_reader(path, grid, level_size=info.levels[grid.level][:2], slide=slide)
+        if reader is None:
+            return False, float("nan")
+        differences = [
+            np.abs(
+                np.asarray(slides.tile_image(slide, grid, int(c), int(r), reader), np.int16)
+                - np.asarray(slides.tile_image(slide, grid, int(c), int(r)), np.int16)
+            ).mean()
+            for c, r in grid.coords
+        ]
+        reader.close()
+    return True, float(np.max(differences))
+
+
+def test_direct_reader_gives_openslides_pixels_at_the_slides_own_resolution():
+    made, difference = _reader_and_openslide_differ(FIXTURE_SLIDE)
+    assert made and difference == 0.0  # the same JPEG data through the same decoder
+
+
+def test_direct_reader_at_half_resolution_stays_within_a_grey_level_of_openslide(twin_slides):
+    # 0.25 µm/px: decoded at half size by the JPEG decoder instead of decoded and box-filtered.
+    made, difference = _reader_and_openslide_differ(twin_slides[0.25][0])
+    assert made and difference < 1.0
+
+
+def test_direct_reader_follows_the_files_rgb_photometric(tmp_path):
+    # Tagged RGB (as Aperio writes it), the JPEG data is taken as R, G, B with no colour
+    # conversion, even with a JFIF marker in the tiles: OpenSlide does so from the tag, the reader
+    # with an Adobe marker in place of the JFIF one. Both must agree.
+    path = tmp_path / "rgb.svs"
+    path.write_bytes(FIXTURE_SLIDE.read_bytes())
+    with tifffile.TiffFile(path, mode="r+b") as tiff:
+        for page in tiff.pages:
+            page.tags["PhotometricInterpretation"].overwrite(2)
+    made, difference = _reader_and_openslide_differ(path)
+    assert made and difference == 0.0
+
+
+def test_reader_whose_pixels_differ_from_openslide_is_not_used(monkeypatch):
+    from inference.core.tiff_tiles import JpegTiffLevel
+
+    original = JpegTiffLevel._tile
+    monkeypatch.setattr(JpegTiffLevel, "_tile", lambda self, tx, ty, scale: 255 - original(self, tx, ty, scale))
+    made, _ = _reader_and_openslide_differ(FIXTURE_SLIDE)
+    assert not made
+
+
+def test_slide_that_is_not_a_tiled_jpeg_tiff_is_read_by_openslide(tmp_path):
+    from inference.core.tiff_tiles import JpegTiffLevel
+
+    path = tmp_path / "raw.tiff"
+    _single_level_tiff(path, tiled=True)  # uncompressed tiles
+    assert JpegTiffLevel.open(path, 3000, 3000) is None
+    assert JpegTiffLevel.open(FIXTURE_SLIDE, 123, 456) is None  # no such level
+
+
+def test_demo_model_finds_the_tumour_the_same_through_the_direct_reader(predictor, twin_slides):
+    # The twin at 0.25 µm/px, as a 40x scanner writes it: the same result through either reader.
+    path = twin_slides[0.25][0]
+    info, grid = _grid_of(path)
+    with slides.slide_open(path) as slide:
+        reader = slides.tile_reader(path, grid, level_size=info.levels[grid.level][:2], slide=slide)
+        assert reader is not None
+        chunk = slides.chunks(grid.coords, len(grid.coords))[0]
+        direct = slides.chunk_analyse(predictor, slide, grid, chunk, reader=reader)
+        through_openslide = slides.chunk_analyse(predictor, slide, grid, chunk)
+    assert np.abs(direct.probabilities - through_openslide.probabilities).max() < 0.05

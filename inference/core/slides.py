@@ -41,6 +41,7 @@ if TYPE_CHECKING:
     import openslide
 
     from inference.core.model import Predictor
+    from inference.core.tiff_tiles import JpegTiffLevel
 
 # A slide this large is refused (about 200,000 x 125,000 px at 0.25 µm/px: 5 x 3 cm of tissue).
 DEFAULT_MAX_PIXELS = 25_000_000_000
@@ -617,10 +618,72 @@ def _tile_fractions(mask: TissueMask, step: float, cols: int, rows: int) -> np.n
 # ---------------------------------------------------------------------------------------------
 
 
-def tile_image(slide: openslide.OpenSlide, grid: TileGrid, col: int, row: int) -> Image.Image:
+# A direct reader must give OpenSlide's pixels: at most this mean absolute difference (0-255) on a
+# tissue tile, checked when it is opened (a JPEG colour space the decoder took wrongly is ~50).
+DIRECT_READ_TOLERANCE = 2.0
+
+
+def tile_reader(
+    path: str | Path, grid: TileGrid, *, level_size: Sequence[int], slide: openslide.OpenSlide | None = None
+) -> JpegTiffLevel | None:
+    """A direct reader of the grid's level when the slide is a tiled JPEG TIFF (Aperio SVS,
+    generic pyramidal TIFF), for ``tile_image``; None otherwise (OpenSlide reads it).
+    ``level_size``: (width, height) of ``grid.level`` (``info.levels[grid.level][:2]``).
+
+    With ``slide``, the reader is first checked against OpenSlide on a tissue tile of the grid, and
+    refused (None) if its pixels differ: a file whose JPEG data this reader misunderstands is
+    read through OpenSlide, never analysed with wrong colours."""
+    from inference.core.tiff_tiles import JpegTiffLevel
+
+    reader = JpegTiffLevel.open(path, int(level_size[0]), int(level_size[1]))
+    if reader is None or slide is None or not len(grid.coords):
+        return reader
+    col, row = (int(v) for v in grid.coords[len(grid.coords) // 2])
+    try:
+        direct = tile_image(slide, grid, col, row, reader)
+    except (OSError, ValueError, SyntaxError):  # Pillow's errors for data it cannot decode
+        reader.close()
+        return None
+    reference = tile_image(slide, grid, col, row)
+    difference = np.abs(np.asarray(direct, np.int16) - np.asarray(reference, np.int16)).mean()
+    if difference > DIRECT_READ_TOLERANCE:
+        reader.close()
+        return None
+    return reader
+
+
+def _direct(reader: JpegTiffLevel, grid: TileGrid, box: tuple[int, int, int, int]) -> Image.Image | None:
+    """The tile from the file's own JPEG tiles, when its level box is whole pixels and 1, 2 or 4
+    times the model's tile (decoded at that fraction); None when OpenSlide must read it."""
+    ds = grid.level_downsample
+    level_box = [v / ds for v in box]
+    if any(abs(v - round(v)) > 1e-6 for v in level_box):
+        return None
+    lx0, ly0, lx1, ly1 = (round(v) for v in level_box)
+    factor = (lx1 - lx0) / grid.tile_px
+    if lx1 - lx0 != ly1 - ly0 or factor not in (1, 2, 4):
+        return None
+    scale = int(factor)
+    if any(v % scale for v in (lx0, ly0, reader.tile_w, reader.tile_h)):
+        return None
+    return Image.fromarray(reader.region(lx0, ly0, lx1 - lx0, ly1 - ly0, scale=scale))
+
+
+def tile_image(
+    slide: openslide.OpenSlide, grid: TileGrid, col: int, row: int, reader: JpegTiffLevel | None = None
+) -> Image.Image:
     """One grid tile as an RGB image of ``grid.tile_px`` square, read at ``grid.level`` and
-    resampled (box filter for whole-number ratios, Lanczos otherwise)."""
+    resampled (box filter for whole-number ratios, Lanczos otherwise).
+
+    With ``reader`` (``tile_reader``), a tile whose box is 1, 2 or 4 times the model's tile at
+    that level is decoded from the file's JPEG tiles directly, at that fraction of their size
+    (the decoder's scaled IDCT instead of a box filter after a full decode); others, and every
+    slide without a reader, are read through OpenSlide."""
     x0, y0, x1, y1 = (int(v) for v in grid.boxes(np.array([[col, row]]))[0])
+    if reader is not None:
+        image = _direct(reader, grid, (x0, y0, x1, y1))
+        if image is not None:
+            return image
     ds = grid.level_downsample
     size = (max(1, math.ceil((x1 - x0) / ds - 1e-6)), max(1, math.ceil((y1 - y0) / ds - 1e-6)))
     image = _rgb_over_white(slide.read_region((x0, y0), grid.level, size))
@@ -712,13 +775,15 @@ def chunk_analyse(
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
     read_threads: int | None = None,
+    reader: JpegTiffLevel | None = None,
 ) -> ChunkResult:
     """Analyse one chunk's tiles through the served patch path: read -> quality check ->
     preprocess -> batched model (``pipeline.prepare_decoded`` / ``pipeline.infer``).
 
     Only ``batch_size`` tiles are in memory at once. A batch's tiles are read on ``read_threads``
     threads (default: one per core, at most 4): OpenSlide is thread-safe and decodes without the
-    GIL, and decoding a 40x slide's JPEG tiles costs more than the model.
+    GIL, and decoding a 40x slide's JPEG tiles costs more than the model. ``reader``
+    (``tile_reader``) reads a tiled JPEG TIFF's tiles directly (see ``tile_image``).
     """
     import time
 
@@ -732,7 +797,7 @@ def chunk_analyse(
     def read(i: int) -> tuple[int, Image.Image | None, str]:
         col, row = (int(v) for v in chunk.coords[i])
         try:
-            return i, tile_image(slide, grid, col, row), ""
+            return i, tile_image(slide, grid, col, row, reader), ""
         except Exception as exc:  # OpenSlide raises its own errors for damaged tiles
             return i, None, f"tile cannot be read: {exc}"
 
@@ -985,6 +1050,11 @@ def slide_analyse(
         mask = tissue_detect(slide, info)
         grid = tile_grid(info, mask, model_mpp=model_mpp, tile_px=predictor.input_size, min_tissue=min_tissue)
         results = results_new(grid, predictor.classes)
-        for chunk in chunks(grid.coords, chunk_size):
-            results_add(results, chunk_analyse(predictor, slide, grid, chunk, batch_size=batch_size))
+        reader = tile_reader(path, grid, level_size=info.levels[grid.level][:2], slide=slide)
+        try:
+            for chunk in chunks(grid.coords, chunk_size):
+                results_add(results, chunk_analyse(predictor, slide, grid, chunk, batch_size=batch_size, reader=reader))
+        finally:
+            if reader is not None:
+                reader.close()
     return info, mask, grid, results
