@@ -351,6 +351,10 @@ SLIDE_UPLOAD_DIR = Path(env_str("SLIDE_UPLOAD_DIR", str(DATA_DIR / "slide-upload
 SLIDE_UPLOAD_EXPIRE_HOURS = env_int("SLIDE_UPLOAD_EXPIRE_HOURS", 48)
 # Workers whose storage has no local path (S3) keep a copy of each slide they read here.
 SLIDE_CACHE_DIR = Path(env_str("SLIDE_CACHE_DIR", str(DATA_DIR / "slide-cache"))).resolve()
+# A scanner's share to take slides from (slides/imports.py): <institution>/<accession>/<file>, taken
+# once unchanged for SLIDE_IMPORT_SETTLE_SECONDS. Unset: no import folder.
+SLIDE_IMPORT_DIR = env_str("SLIDE_IMPORT_DIR", "")
+SLIDE_IMPORT_SETTLE_SECONDS = env_int("SLIDE_IMPORT_SETTLE_SECONDS", 60)
 # Tissue tiles per worker task, and the most suspicious tiles that become patches for review.
 SLIDE_CHUNK_TILES = env_int("SLIDE_CHUNK_TILES", 256)
 SLIDE_REGIONS = env_int("SLIDE_REGIONS", 12)
@@ -450,6 +454,7 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": float(RECONCILE_INTERVAL_SECONDS),
     },
     "reconcile-slides": {"task": "slides.tasks.slide_reconcile", "schedule": float(RECONCILE_INTERVAL_SECONDS)},
+    "import-slides": {"task": "slides.tasks.slides_import", "schedule": 60.0},
     "purge-idempotency-keys": {"task": "accounts.tasks.idempotency_purge", "schedule": 3600.0},
     "sweep-webhook-deliveries": {"task": "webhooks.tasks.webhook_sweep", "schedule": 60.0},
     "anchor-audit-trail": {"task": "audit.tasks.audit_anchor_write", "schedule": 3600.0},

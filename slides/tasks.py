@@ -42,6 +42,17 @@ def slide_reconcile() -> dict[str, int]:
     return counts
 
 
+@shared_task(name="slides.tasks.slides_import", acks_late=False)
+def slides_import() -> dict[str, int]:
+    """The scanner's import folder, when one is configured (SLIDE_IMPORT_DIR)."""
+    from slides.imports import slides_import as run
+
+    if not settings.SLIDE_IMPORT_DIR:
+        return {}
+    report = run()
+    return {"imported": len(report.imported), "rejected": len(report.rejected), "waiting": len(report.waiting)}
+
+
 # A lost message is never fatal: the reconciler sends queued work again (jobs.slide_reconcile).
 
 
