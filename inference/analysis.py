@@ -25,9 +25,9 @@ from cases.models import BiopsyCase, TissuePatch
 from inference.core import pipeline
 from inference.core.model import Predictor
 from inference.core.pipeline import PatchOutcome
-from inference.models import AnalysisClaim, ModelVersion, Prediction, WorkerHeartbeat
+from inference.models import AnalysisClaim, ModelVersion, Prediction
 from inference.registry import ModelUnavailable, model_load_active
-from inference.selectors import operating_point
+from inference.selectors import operating_point, workers_lost
 from inference.writer import write_behind
 
 logger = logging.getLogger(__name__)
@@ -394,25 +394,12 @@ def analysis_reconcile(*, stale_after: timedelta | None = None, broker_waiting: 
 
 
 def _claims_of_lost_workers(now) -> list[uuid.UUID]:
-    """Tokens of the batches now RUNNING whose worker is gone: no heartbeat for
-    WORKER_LOST_AFTER_SECONDS (or none ever, that long after the claim), or a heartbeat from a new
-    start of a worker of that name, begun after the claim."""
+    """Tokens of the batches now RUNNING whose worker is gone (``workers_lost``)."""
     tokens = (
         TissuePatch.objects.filter(status=TissuePatch.Status.RUNNING)
         .exclude(claim_token=None)
         .values_list("claim_token", flat=True)
         .distinct()
     )
-    claims = list(AnalysisClaim.objects.filter(token__in=tokens))
-    beats = {beat.hostname: beat for beat in WorkerHeartbeat.objects.filter(hostname__in={c.worker for c in claims})}
-    silent = now - timedelta(seconds=settings.WORKER_LOST_AFTER_SECONDS)
-    lost = []
-    for claim in claims:
-        beat = beats.get(claim.worker)
-        if beat is None:
-            gone = claim.claimed_at < silent
-        else:
-            gone = beat.last_seen < silent or beat.started_at > claim.claimed_at
-        if gone:
-            lost.append(claim.token)
-    return lost
+    claims = AnalysisClaim.objects.filter(token__in=tokens)
+    return list(workers_lost(((c.token, c.worker, c.claimed_at) for c in claims), now))

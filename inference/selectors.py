@@ -60,3 +60,27 @@ def operating_point(*, institution_id: int, model_version: ModelVersion) -> Oper
 
 def site_validation_required() -> bool:
     return bool(getattr(settings, "REQUIRE_SITE_VALIDATION", not settings.DEBUG))
+
+
+def workers_lost(claims, now) -> set:
+    """Keys of the claims, given as (key, worker hostname, claimed at), whose worker is gone: no
+    heartbeat for WORKER_LOST_AFTER_SECONDS (or none ever, that long after the claim), or a
+    heartbeat from a new start of a worker of that name, begun after the claim. A claim made
+    outside a worker (no hostname, e.g. an eager task) is never taken for lost here: it waits for
+    the stale timeout."""
+    from datetime import timedelta
+
+    from django.conf import settings
+
+    from inference.models import WorkerHeartbeat
+
+    claims = [claim for claim in claims if claim[1]]
+    beats = {b.hostname: b for b in WorkerHeartbeat.objects.filter(hostname__in={c[1] for c in claims})}
+    silent = now - timedelta(seconds=settings.WORKER_LOST_AFTER_SECONDS)
+    lost = set()
+    for key, worker, claimed_at in claims:
+        beat = beats.get(worker)
+        gone = claimed_at < silent if beat is None else beat.last_seen < silent or beat.started_at > claimed_at
+        if gone:
+            lost.add(key)
+    return lost

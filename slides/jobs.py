@@ -10,7 +10,8 @@
     slide_finish     the per-slide arrays from the committed chunks, heatmap source, tumour fraction
                      at the site's operating point, and the top suspicious tiles as TissuePatches of
                      the case (queued for the usual analysis, review, audit and export) -> DONE
-    slide_reconcile  what a lost message or a killed worker left behind, handed on again
+    slide_reconcile  (slides/reconcile.py) what a lost message or a killed worker left behind,
+                     handed on again
 
 As with patches, the database is the source of truth and broker messages are wake-ups: every stage
 is claimed with a conditional UPDATE, so a redelivered message or a second worker does nothing, and
@@ -30,25 +31,23 @@ import logging
 import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterable
-from datetime import timedelta
 
 import numpy as np
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Q
+from django.db.models import F
 from django.utils import timezone
 
-from audit.services import WORKER, audit_record, audit_record_many
+from audit.services import WORKER, audit_record_many
 from cases.models import BiopsyCase, TissuePatch
 from inference.core import slides as core
 from inference.core.model import Predictor
-from inference.models import ModelVersion, WorkerHeartbeat
+from inference.models import ModelVersion
 from inference.registry import ModelUnavailable, model_load_active
 from inference.selectors import POSITIVE_CLASS, operating_point
 from slides import storage
 from slides.models import Slide, SlideChunk, SlideRegion
-from slides.signals import slide_chunks_queued, slide_finishing, slide_queued
+from slides.signals import slide_chunks_queued, slide_finishing
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +140,7 @@ def _slide_mpp(slide: Slide) -> float | None:
     return slide.mpp if slide.mpp_source == "given" else None
 
 
-def _slide_event(slide: Slide, before: str, after: str, reason: str = "", **extra) -> dict:
+def slide_event(slide: Slide, before: str, after: str, reason: str = "", **extra) -> dict:
     return {
         "actor": WORKER,
         "action": "slide.status",
@@ -169,7 +168,7 @@ def slide_tile(*, slide_id: int, worker: str = "") -> dict[str, int]:
         if not claimed:
             return {"claimed": 0}  # tiled already, or another worker has it
         slide = Slide.objects.select_related("case").get(pk=slide_id)
-        audit_record_many([_slide_event(slide, Slide.Status.QUEUED, Slide.Status.TILING, attempt=slide.attempts)])
+        audit_record_many([slide_event(slide, Slide.Status.QUEUED, Slide.Status.TILING, attempt=slide.attempts)])
     try:
         version, predictor = model_load_active()
     except (ModelUnavailable, OSError, ValueError) as exc:
@@ -189,7 +188,7 @@ def slide_tile(*, slide_id: int, worker: str = "") -> dict[str, int]:
             min_tissue=settings.SLIDE_MIN_TISSUE,
         )
     except core.SlideError as exc:
-        _slide_fail(slide_id, token, Slide.Status.TILING, f"the slide cannot be analysed: {exc}")
+        slide_fail(slide_id, token, Slide.Status.TILING, f"the slide cannot be analysed: {exc}")
         return {"failed": 1}
     storage.bytes_store(_grid_name(slide), storage.npz_bytes(coords=grid.coords, tissue_fraction=grid.tissue_fraction))
     pieces = core.chunks(grid.coords, settings.SLIDE_CHUNK_TILES)
@@ -226,7 +225,7 @@ def slide_tile(*, slide_id: int, worker: str = "") -> dict[str, int]:
             )
             audit_record_many(
                 [
-                    _slide_event(
+                    slide_event(
                         slide,
                         Slide.Status.TILING,
                         next_status,
@@ -251,7 +250,7 @@ def slide_tile(*, slide_id: int, worker: str = "") -> dict[str, int]:
     return {"tiles": len(grid), "chunks": len(pieces)}
 
 
-def _slide_fail(slide_id: int, token: uuid.UUID | None, before: str, reason: str) -> bool:
+def slide_fail(slide_id: int, token: uuid.UUID | None, before: str, reason: str) -> bool:
     from inference.analysis import case_status_refresh
 
     with transaction.atomic():
@@ -263,7 +262,7 @@ def _slide_fail(slide_id: int, token: uuid.UUID | None, before: str, reason: str
         ):
             return False
         slide = Slide.objects.select_related("case").get(pk=slide_id)
-        audit_record_many([_slide_event(slide, before, Slide.Status.FAILED, reason)])
+        audit_record_many([slide_event(slide, before, Slide.Status.FAILED, reason)])
         case_status_refresh(case_ids=[slide.case_id])
     logger.warning("slide %s failed: %s", slide_id, reason)
     return True
@@ -337,7 +336,9 @@ def slide_chunk_run(*, slide_id: int, index: int, worker: str = "") -> dict[str,
             )
             if not committed:
                 raise _ClaimLost
-            _chunks_finished(slide, tiles_done=done, tiles_unassessable=unassessable, tiles_failed=failed, chunks=1)
+            chunks_count_finished(
+                slide, tiles_done=done, tiles_unassessable=unassessable, tiles_failed=failed, chunks=1
+            )
     except _ClaimLost:
         logger.warning("slide %s chunk %s: analysed after its claim was handed on; dropped", slide_id, index)
         storage.discard(name)
@@ -345,7 +346,9 @@ def slide_chunk_run(*, slide_id: int, index: int, worker: str = "") -> dict[str,
     return {"tiles": len(result.status), "done": done}
 
 
-def _chunks_finished(slide: Slide, *, tiles_done: int, tiles_unassessable: int, tiles_failed: int, chunks: int) -> None:
+def chunks_count_finished(
+    slide: Slide, *, tiles_done: int, tiles_unassessable: int, tiles_failed: int, chunks: int
+) -> None:
     """Count finished chunks into the slide (in the caller's transaction); the last one moves the
     slide to FINISHING and sends the finish after commit."""
     Slide.objects.filter(pk=slide.pk).update(
@@ -358,7 +361,7 @@ def _chunks_finished(slide: Slide, *, tiles_done: int, tiles_unassessable: int, 
     if Slide.objects.filter(pk=slide.pk, status=Slide.Status.ANALYSING, chunks_finished__gte=F("chunks_total")).update(
         status=Slide.Status.FINISHING, enqueued_at=timezone.now()
     ):
-        audit_record_many([_slide_event(slide, Slide.Status.ANALYSING, Slide.Status.FINISHING)])
+        audit_record_many([slide_event(slide, Slide.Status.ANALYSING, Slide.Status.FINISHING)])
         slide_id = slide.pk
         transaction.on_commit(lambda: slide_finishing.send(sender=Slide, slide_id=slide_id))
 
@@ -467,7 +470,7 @@ def slide_finish(*, slide_id: int, worker: str = "") -> dict[str, int]:
                 for rank, (r, patch) in enumerate(zip(regions, patches, strict=True), 1)
             ]
         )
-        audit_record_many([_slide_event(slide, Slide.Status.FINISHING, Slide.Status.DONE, **summary)])
+        audit_record_many([slide_event(slide, Slide.Status.FINISHING, Slide.Status.DONE, **summary)])
 
     from inference.analysis import case_status_refresh
 
@@ -502,137 +505,6 @@ def _orphans_remove(slide: Slide) -> None:
     for name in files:
         if f"{folder}/{name}" not in kept:
             storage.discard(f"{folder}/{name}")
-
-
-# ---------------------------------------------------------------------------------------------
-# The reconciler's part for slides
-# ---------------------------------------------------------------------------------------------
-
-
-def workers_lost(claims: Iterable[tuple[object, str, object]], now) -> set:
-    """Keys of the claims (key, worker hostname, claimed_at) whose worker is gone: silent for
-    WORKER_LOST_AFTER_SECONDS (or never heard from, that long after the claim), or started again
-    after the claim. Claims made outside a worker (no hostname) are never taken for lost here."""
-    claims = [c for c in claims if c[1]]
-    beats = {b.hostname: b for b in WorkerHeartbeat.objects.filter(hostname__in={c[1] for c in claims})}
-    silent = now - timedelta(seconds=settings.WORKER_LOST_AFTER_SECONDS)
-    lost = set()
-    for key, worker, claimed_at in claims:
-        beat = beats.get(worker)
-        if beat is None:
-            gone = claimed_at < silent
-        else:
-            gone = beat.last_seen < silent or beat.started_at > claimed_at
-        if gone:
-            lost.add(key)
-    return lost
-
-
-def slide_reconcile(*, stale_after: timedelta | None = None, broker_waiting: int | None = None) -> dict[str, int]:
-    """Hand on the slide work a lost message or a lost worker left behind (the rules of
-    ``inference.analysis.analysis_reconcile``): stages and chunks held by a worker that is gone or
-    for longer than ANALYSIS_STALE_AFTER_SECONDS are queued again (given up after MAX_ATTEMPTS);
-    queued ones whose message is lost are sent again. Returns counts."""
-    if stale_after is None:
-        stale_after = timedelta(seconds=settings.ANALYSIS_STALE_AFTER_SECONDS)
-    now = timezone.now()
-    cutoff = now - stale_after
-    resend_cutoff = cutoff
-    if broker_waiting == 0:
-        resend_cutoff = max(cutoff, now - timedelta(seconds=settings.ANALYSIS_REQUEUE_AFTER_SECONDS))
-    counts = {"chunks_requeued": 0, "chunks_failed": 0, "chunks_resent": 0, "slides_resent": 0, "slides_failed": 0}
-    to_tile: list[int] = []
-    to_finish: list[int] = []
-    chunks_to_send: dict[int, list[int]] = {}
-
-    with transaction.atomic():
-        running = list(
-            SlideChunk.objects.select_for_update()
-            .filter(status=SlideChunk.Status.RUNNING)
-            .select_related("slide__case")
-        )
-        lost = workers_lost(((c.pk, c.worker, c.claimed_at) for c in running), now)
-        for chunk in running:
-            if not (chunk.claimed_at < cutoff or chunk.pk in lost):
-                continue
-            if chunk.attempts >= MAX_ATTEMPTS:
-                SlideChunk.objects.filter(pk=chunk.pk).update(
-                    status=SlideChunk.Status.FAILED,
-                    claim_token=None,
-                    tiles_failed=chunk.stop - chunk.start,
-                    finished_at=now,
-                )
-                audit_record(
-                    actor=WORKER,
-                    action="slide.chunk_failed",
-                    target=chunk.slide,
-                    institution_id=chunk.slide.case.institution_id,
-                    after={"chunk": chunk.index, "tiles": chunk.stop - chunk.start, "attempts": chunk.attempts},
-                    reason="analysis of the chunk never completed",
-                )
-                _chunks_finished(
-                    chunk.slide, tiles_done=0, tiles_unassessable=0, tiles_failed=chunk.stop - chunk.start, chunks=1
-                )
-                counts["chunks_failed"] += 1
-            else:
-                SlideChunk.objects.filter(pk=chunk.pk).update(
-                    status=SlideChunk.Status.QUEUED, claim_token=None, enqueued_at=now
-                )
-                chunks_to_send.setdefault(chunk.slide_id, []).append(chunk.index)
-                counts["chunks_requeued"] += 1
-        waiting = list(
-            SlideChunk.objects.filter(
-                status=SlideChunk.Status.QUEUED, enqueued_at__lt=resend_cutoff, slide__status=Slide.Status.ANALYSING
-            ).values_list("pk", "slide_id", "index")
-        )
-        SlideChunk.objects.filter(pk__in=[pk for pk, _, _ in waiting]).update(enqueued_at=now)
-        for _, slide_id, index in waiting:
-            chunks_to_send.setdefault(slide_id, []).append(index)
-            counts["chunks_resent"] += 1
-
-        held = list(
-            Slide.objects.select_for_update()
-            .filter(Q(status=Slide.Status.TILING) | Q(status=Slide.Status.FINISHING, claim_token__isnull=False))
-            .select_related("case")
-        )
-        lost = workers_lost(((s.pk, s.worker, s.claimed_at) for s in held), now)
-        for slide in held:
-            if not (slide.claimed_at < cutoff or slide.pk in lost):
-                continue
-            if slide.attempts >= MAX_ATTEMPTS:
-                transaction.on_commit(
-                    lambda s=slide: _slide_fail(
-                        s.pk, None, s.status, f"{s.get_status_display().lower()} never completed"
-                    )
-                )
-                counts["slides_failed"] += 1
-                continue
-            back = Slide.Status.QUEUED if slide.status == Slide.Status.TILING else Slide.Status.FINISHING
-            Slide.objects.filter(pk=slide.pk).update(status=back, claim_token=None, enqueued_at=now)
-            audit_record_many([_slide_event(slide, slide.status, back, "worker lost: re-enqueued")])
-            (to_tile if back == Slide.Status.QUEUED else to_finish).append(slide.pk)
-        for status, bucket in ((Slide.Status.QUEUED, to_tile), (Slide.Status.FINISHING, to_finish)):
-            ids = list(
-                Slide.objects.filter(status=status, claim_token=None, enqueued_at__lt=resend_cutoff).values_list(
-                    "pk", flat=True
-                )
-            )
-            Slide.objects.filter(pk__in=ids).update(enqueued_at=now)
-            bucket.extend(i for i in ids if i not in bucket)
-        counts["slides_resent"] = len(to_tile) + len(to_finish)
-
-        def send() -> None:
-            for slide_id in to_tile:
-                slide_queued.send(sender=Slide, slide_id=slide_id)
-            for slide_id, indexes in chunks_to_send.items():
-                slide_chunks_queued.send(sender=Slide, slide_id=slide_id, indexes=sorted(indexes))
-            for slide_id in to_finish:
-                slide_finishing.send(sender=Slide, slide_id=slide_id)
-
-        transaction.on_commit(send)
-    if any(counts.values()):
-        logger.warning("slide reconciler: %s", counts)
-    return counts
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from celery import group, shared_task
 from django.conf import settings
 from django.dispatch import receiver
 
-from slides import jobs
+from slides import jobs, reconcile
 from slides.signals import slide_chunks_queued, slide_finishing, slide_queued
 
 logger = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def slide_reconcile() -> dict[str, int]:
     from inference.tasks import broker_waiting
     from slides.services import slide_uploads_expire
 
-    counts = jobs.slide_reconcile(broker_waiting=broker_waiting(settings.CELERY_TASK_DEFAULT_QUEUE))
+    counts = reconcile.slide_reconcile(broker_waiting=broker_waiting(settings.CELERY_TASK_DEFAULT_QUEUE))
     counts["uploads_expired"] = slide_uploads_expire()
     return counts
 
@@ -53,7 +53,7 @@ def slides_import() -> dict[str, int]:
     return {"imported": len(report.imported), "rejected": len(report.rejected), "waiting": len(report.waiting)}
 
 
-# A lost message is never fatal: the reconciler sends queued work again (jobs.slide_reconcile).
+# A lost message is never fatal: the reconciler sends queued work again (reconcile.slide_reconcile).
 
 
 @receiver(slide_queued, dispatch_uid="slides.tasks.slide_tile_enqueue")

@@ -16,7 +16,7 @@ from django.utils import timezone
 from audit.models import AuditEvent
 from cases.models import BiopsyCase, TissuePatch
 from inference.core import slides as core
-from slides import jobs
+from slides import jobs, reconcile
 from slides.models import Slide, SlideChunk, SlideRegion, SlideUpload
 from slides.services import (
     OffsetMismatch,
@@ -249,7 +249,7 @@ def test_chunk_analysed_by_a_worker_taken_for_lost_is_dropped_and_analysed_once(
         claimed_at=timezone.now() - timedelta(minutes=5),
         attempts=1,
     )
-    counts = jobs.slide_reconcile()
+    counts = reconcile.slide_reconcile()
     assert counts["chunks_requeued"] == 1
     chunk = SlideChunk.objects.get(slide=slide, index=0)
     assert chunk.status == SlideChunk.Status.QUEUED and chunk.claim_token is None
@@ -285,7 +285,7 @@ def test_chunk_that_never_completes_is_given_up_and_the_slide_still_finishes(sli
     SlideChunk.objects.filter(slide=slide, index=0).update(
         status=SlideChunk.Status.RUNNING, claimed_at=timezone.now() - timedelta(hours=1), attempts=jobs.MAX_ATTEMPTS
     )
-    assert jobs.slide_reconcile()["chunks_failed"] == 1
+    assert reconcile.slide_reconcile()["chunks_failed"] == 1
     slide.refresh_from_db()
     assert slide.status == Slide.Status.FINISHING and slide.tiles_failed == 16
     jobs.slide_finish(slide_id=slide.pk)
@@ -301,9 +301,9 @@ def test_lost_messages_are_sent_again_when_the_broker_is_empty(slide, settings, 
     try:
         Slide.objects.filter(pk=slide.pk).update(enqueued_at=timezone.now() - timedelta(minutes=2))
         with django_capture_on_commit_callbacks(execute=True):
-            assert jobs.slide_reconcile(broker_waiting=5)["slides_resent"] == 0  # the workers are behind
+            assert reconcile.slide_reconcile(broker_waiting=5)["slides_resent"] == 0  # the workers are behind
         with django_capture_on_commit_callbacks(execute=True):
-            assert jobs.slide_reconcile(broker_waiting=0)["slides_resent"] == 1
+            assert reconcile.slide_reconcile(broker_waiting=0)["slides_resent"] == 1
         assert sent == [slide.pk]
     finally:
         slide_queued.disconnect(dispatch_uid="test-sent")

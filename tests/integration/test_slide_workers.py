@@ -21,7 +21,7 @@ from rest_framework.test import APIClient
 from audit.services import audit_verify
 from cases.models import BiopsyCase, TissuePatch
 from inference.core import slides as core
-from slides import jobs
+from slides import jobs, reconcile
 from slides.models import Slide, SlideChunk
 from tests.conftest import CASE_PAYLOAD
 from tests.integration.workers import Worker, flush_broker, require_postgres_and_redis, wait_for
@@ -153,7 +153,7 @@ def test_worker_killed_mid_slide_recovers_with_every_chunk_committed_once(lab_ap
     assert Slide.objects.get(pk=slide_id).status == Slide.Status.ANALYSING
 
     # The reconciler hands the dead worker's chunk on; a new worker finishes the slide.
-    counts = jobs.slide_reconcile(stale_after=datetime.timedelta(seconds=0))
+    counts = reconcile.slide_reconcile(stale_after=datetime.timedelta(seconds=0))
     assert counts["chunks_requeued"] >= len(stuck)
     workers("rescuer")
     wait_for(lambda: Slide.objects.get(pk=slide_id).status == Slide.Status.DONE, 240, "recovery")
