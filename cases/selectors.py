@@ -20,7 +20,8 @@ def case_with_results(*, principal, case_id: int) -> BiopsyCase:
     from inference.models import Prediction
 
     # A fixed number of queries whatever the number of patches, predictions and reviews.
-    patches = TissuePatch.objects.order_by("id").prefetch_related(
+    # A patch made from a slide's suspicious region comes with its region and slide (joined).
+    patches = TissuePatch.objects.order_by("id").select_related("slide_region__slide").prefetch_related(
         Prefetch(
             "predictions",
             queryset=Prediction.objects.select_related("model_version", "site_validation").order_by("-id"),

@@ -89,6 +89,7 @@ ADMIN_BUDGETS: dict[str, dict[str, tuple[int, int]]] = {
         "inference.workerheartbeat": (6, 0),
         "otp_static.staticdevice": (6, 0),
         "otp_totp.totpdevice": (6, 0),
+        "slides.slide": (7, 0),
         "webhooks.webhookdelivery": (6, 0),
         "webhooks.webhookendpoint": (6, 0),
     },
@@ -110,6 +111,7 @@ ADMIN_BUDGETS: dict[str, dict[str, tuple[int, int]]] = {
         "inference.workerheartbeat": (3, 0),
         "otp_static.staticdevice": (3, 0),
         "otp_totp.totpdevice": (3, 0),
+        "slides.slide": (9, 0),
         "webhooks.webhookdelivery": (8, 0),
         "webhooks.webhookendpoint": (8, 0),
     },
@@ -405,6 +407,13 @@ def admin_rows(institution, marker: str, version) -> None:
         institution=institution, model_version=version, data_source=f"{marker}-data", data_manifest_sha256="0" * 64,
         counts={}, metrics={}, target_sensitivity=0.98, threshold=0.5, sensitivity=1.0, specificity=1.0,
         passed=False, actor=f"{marker}-validator",
+    )  # fmt: skip
+    from slides.models import Slide
+
+    Slide.objects.create(
+        case=case, storage_name=Slide.new_storage_name(institution.pk, ".svs"), original_name=f"{marker}.svs",
+        sha256="0" * 64, size_bytes=1, vendor="aperio", width=1000, height=1000, mpp=0.25, mpp_source="file",
+        levels=[[1000, 1000, 1.0]], enqueued_at=timezone.now(),
     )  # fmt: skip
     lab, _key = lab_system_create(institution=institution, name=f"{marker} LIS")
     endpoint = WebhookEndpoint.objects.create(lab_system=lab, url=f"https://{marker}.example.org/hook")

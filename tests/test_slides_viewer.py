@@ -284,3 +284,15 @@ def test_case_slides_partial_lists_the_case_slides_with_links(slide, clinician, 
     assert "mosaic-small.tiff" in html and "Queued" in html and "slide-progress" in html
     empty = render_to_string("slides/_case_slides.html", {"slides": slides_of_case(case=other_case)}, request=request)
     assert "No slides uploaded yet." in empty and "<script" not in empty
+
+
+def test_case_page_names_the_slide_region_each_patch_came_from(client, pathologist, case, demo_model):
+    from slides.jobs import slide_run_inline
+    from slides.services import slide_register
+    from tests.conftest import verified_login
+
+    slide = slide_run_inline(slide_register(case=case, actor=case.created_by, path=FIXTURE_SLIDE, name="m.tiff").pk)
+    verified_login(client, pathologist)
+    page = client.get(f"/cases/{case.pk}/").content.decode()
+    assert page.count('class="muted slide-region"') == 12
+    assert f'href="/slides/{slide.pk}/"' in page and "Region 1 of slide" in page
