@@ -163,12 +163,20 @@ class PlatformCollector:
     def _database(self) -> Iterator[Metric]:
         from cases.models import BiopsyCase, TissuePatch
         from inference.models import Prediction, WorkerHeartbeat
+        from slides.models import Slide, SlideChunk
         from webhooks.models import WebhookDelivery
 
         yield self._by_status(
             "cloudiopsy_patches", "Tissue patches by analysis status.", TissuePatch.objects, TissuePatch.Status
         )
         yield self._by_status("cloudiopsy_cases", "Biopsy cases by status.", BiopsyCase.objects, BiopsyCase.Status)
+        yield self._by_status("cloudiopsy_slides", "Whole-slide images by analysis stage.", Slide.objects, Slide.Status)
+        yield self._by_status(
+            "cloudiopsy_slide_chunks",
+            "Chunks of slide tiles by status (queued ones wait for a worker).",
+            SlideChunk.objects,
+            SlideChunk.Status,
+        )
         yield self._by_status(
             "cloudiopsy_webhook_deliveries",
             "Webhook deliveries by outcome (pending, sending, delivered, failed).",

@@ -249,10 +249,10 @@ def test_scrape_queries_do_not_grow_with_the_rows(client, case, clinician, token
             BiopsyCase.objects.filter(pk=case.pk).update(status=BiopsyCase.Status.ANALYSING)
 
     add_rows(1, 0)
-    with django_assert_num_queries(5):  # patches, cases, webhooks by status; heartbeats; latencies
+    with django_assert_num_queries(7):  # patches, cases, slides, chunks, webhooks by status; heartbeats; latencies
         client.get("/metrics", HTTP_AUTHORIZATION=f"Bearer {TOKEN}")
     add_rows(20, 1)
-    with django_assert_num_queries(5):
+    with django_assert_num_queries(7):
         samples = _scrape(client)
     assert sum(1 for name, _ in samples if name == "cloudiopsy_worker_heartbeat_age_seconds") == 21
 
@@ -440,3 +440,20 @@ def test_worker_serves_its_task_metrics_on_worker_metrics_port(institution, demo
     assert _value(samples, "cloudiopsy_celery_task_duration_seconds_count", task="inference.tasks.prediction_run") == 1
     # The worker's port shows what the worker measured, not the platform's figures (those are /metrics').
     assert _value(samples, "cloudiopsy_patches", status="done") is None
+
+
+def test_slides_and_their_chunks_are_counted_by_status(client, db, token, case, demo_model):
+    from pathlib import Path
+
+    from slides import jobs
+    from slides.services import slide_register
+
+    fixture = Path(__file__).parent / "fixtures" / "slides" / "mosaic-small.tiff"
+    slide = slide_register(case=case, actor=case.created_by, path=fixture, name="a.tiff")
+    slide_register(case=case, actor=case.created_by, path=fixture, name="b.tiff")
+    jobs.slide_tile(slide_id=slide.pk)  # one chunk of 98 tiles (256 a chunk), queued
+    samples = _scrape(client)
+    assert _value(samples, "cloudiopsy_slides", status="queued") == 1
+    assert _value(samples, "cloudiopsy_slides", status="analysing") == 1
+    assert _value(samples, "cloudiopsy_slides", status="done") == 0
+    assert _value(samples, "cloudiopsy_slide_chunks", status="queued") == 1
