@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import IO
 
+from django.core.files import File
 from django.core.files.base import ContentFile
 from django.core.files.storage import default_storage
 from django.db import IntegrityError, transaction
@@ -42,20 +43,29 @@ class StorageUnavailable(CaseError):
 
 def _stored(name: str, data: bytes) -> str:
     """Write one image to storage; a write that fails leaves nothing behind and says why."""
+    return storage_save(name, ContentFile(data), what="image")
+
+
+def storage_save(name: str, content: File, *, what: str) -> str:
+    """Save ``content`` (an image, a slide) to storage under ``name``; returns the stored name.
+
+    Raises:
+        StorageUnavailable: the store is full (507) or cannot be written (503); nothing is kept.
+    """
     try:
-        return default_storage.save(name, ContentFile(data))
+        return default_storage.save(name, content)
     except Exception as exc:  # the storage's own errors: OSError on disk, botocore's on S3
         full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
-        logger.error("storing an uploaded image as %s failed: %s", name, exc)
+        logger.error("storing an uploaded %s as %s failed: %s", what, name, exc)
         _discard(name)  # a file cut short by a full disk
         if full:
             raise StorageUnavailable(
-                "the image store is full: nothing from this upload was stored. Tell the platform's "
+                f"the {what} store is full: nothing from this upload was stored. Tell the platform's "
                 "administrators; try again once space has been freed.",
                 full=True,
             ) from exc
         raise StorageUnavailable(
-            "the image store cannot be written to right now: nothing from this upload was stored. "
+            f"the {what} store cannot be written to right now: nothing from this upload was stored. "
             "Try again in a few minutes.",
             full=False,
         ) from exc
@@ -86,7 +96,7 @@ class PatientData:
     sex: str = Patient.Sex.UNKNOWN
 
 
-def _actor_fields(actor: User | LabSystem, user_field: str, lab_field: str) -> dict:
+def actor_fields(actor: User | LabSystem, user_field: str, lab_field: str) -> dict:
     return {lab_field: actor} if isinstance(actor, LabSystem) else {user_field: actor}
 
 
@@ -137,7 +147,7 @@ def case_create(
                 specimen_site=specimen_site.strip(),
                 priority=priority,
                 clinical_notes=clinical_notes,
-                **_actor_fields(created_by, "created_by", "created_by_lab"),
+                **actor_fields(created_by, "created_by", "created_by_lab"),
             )
     except IntegrityError:
         # Another request created the same accession between our check and our insert.
@@ -222,7 +232,7 @@ def patch_upload(
                         format=image.format,
                         original_name=image.original_name,
                         enqueued_at=now,
-                        **_actor_fields(uploaded_by, "uploaded_by", "uploaded_by_lab"),
+                        **actor_fields(uploaded_by, "uploaded_by", "uploaded_by_lab"),
                     )
                     for image, saved_name in written
                 ]

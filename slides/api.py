@@ -303,7 +303,7 @@ class SlideUploadDetail(APIView):
             return problem_response(415, f"send the piece's bytes with Content-Type: {PIECE_TYPE}", kind="media-type")
         try:
             offset = int(request.headers.get(OFFSET_HEADER, ""))
-            length = int(request.META.get("CONTENT_LENGTH") or "")
+            length = int(request.META.get("CONTENT_LENGTH") or 0)  # no body: an empty piece
         except ValueError:
             return problem_response(
                 400, f"the {OFFSET_HEADER} and Content-Length headers must be whole numbers", kind="invalid-request"

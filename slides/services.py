@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO
 
 from django.conf import settings
+from django.core.files import File
 from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
@@ -31,7 +32,7 @@ from django.utils import timezone
 from accounts.models import LabSystem, User
 from audit.services import audit_record
 from cases.models import BiopsyCase
-from cases.services import CaseError, StorageUnavailable
+from cases.services import CaseError, actor_fields, storage_save
 from cases.uploads import UploadRejected, check_file_name
 from inference.core.slides import SlideError, SlideInfo, slide_inspect
 from slides import storage
@@ -64,10 +65,6 @@ class OffsetMismatch(SlideRejected):
     def __init__(self, expected: int):
         super().__init__(f"this upload has {expected} bytes; send the bytes from offset {expected}")
         self.expected = expected
-
-
-def _actor_fields(actor: User | LabSystem, user_field: str, lab_field: str) -> dict:
-    return {lab_field: actor} if isinstance(actor, LabSystem) else {user_field: actor}
 
 
 def slide_name_check(name: str) -> tuple[str, str]:
@@ -129,7 +126,7 @@ def slide_upload_start(
         size_bytes=size,
         sha256=sha256,
         mpp=mpp,
-        **_actor_fields(actor, "created_by", "created_by_lab"),
+        **actor_fields(actor, "created_by", "created_by_lab"),
     )
     path = upload_path(upload)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -273,22 +270,10 @@ def slide_register(
         raise SlideRejected(f"{clean}: {exc}") from None
     sha256 = storage.file_sha256(path)
     target = Slide.new_storage_name(case.institution_id, suffix)
-    try:
-        if move:
-            stored = storage.file_store(path, target)
-        else:
-            with open(path, "rb") as handle:
-                from django.core.files import File
-                from django.core.files.storage import default_storage
-
-                stored = default_storage.save(target, File(handle))
-    except OSError as exc:
-        storage.discard(target)
-        full = getattr(exc, "errno", None) in (28, 122)  # ENOSPC, EDQUOT
-        raise StorageUnavailable(
-            "the slide store is full: nothing was stored" if full else "the slide store cannot be written to right now",
-            full=full,
-        ) from exc
+    with open(path, "rb") as handle:
+        # The upload's own file is moved into place where the storage allows; an imported one copied.
+        content = storage.LocalFile(handle, name=str(path)) if move else File(handle)
+        stored = storage_save(target, content, what="slide")
     try:
         with transaction.atomic():
             case = BiopsyCase.objects.select_for_update().get(pk=case.pk)
@@ -307,7 +292,7 @@ def slide_register(
                 levels=[list(level) for level in info.levels],
                 objective_power=info.objective_power,
                 enqueued_at=timezone.now(),
-                **_actor_fields(actor, "uploaded_by", "uploaded_by_lab"),
+                **actor_fields(actor, "uploaded_by", "uploaded_by_lab"),
             )
             audit_record(
                 actor=actor,

@@ -24,19 +24,12 @@ logger = logging.getLogger(__name__)
 READ_BLOCK = 8 * 1024 * 1024
 
 
-class _LocalFile(File):
+class LocalFile(File):
     """A file already on local disk: the filesystem storage moves it into place instead of copying
     (``FileSystemStorage._save`` checks for ``temporary_file_path``)."""
 
     def temporary_file_path(self) -> str:
         return self.file.name
-
-
-def file_store(path: Path, name: str) -> str:
-    """Put a local file into storage under ``name`` (moved where the storage allows). Returns the
-    stored name."""
-    with open(path, "rb") as handle:
-        return default_storage.save(name, _LocalFile(handle, name=str(path)))
 
 
 def bytes_store(name: str, data: bytes) -> str:

@@ -228,3 +228,25 @@ def test_fhir_bundle_holds_the_slide_result_and_its_regions(lab_api, case, demo_
     assert {
         "reference": next(e["fullUrl"] for e in bundle["entry"] if e["resource"]["id"] == f"slide-{done.pk}")
     } in report["result"]
+
+
+def test_full_slide_store_is_a_507_and_the_upload_can_be_finished_later(lab_api, case, media_root, monkeypatch):
+    import errno
+
+    from django.core.files.storage import default_storage
+
+    data = FIXTURE.read_bytes()
+    url = _start(lab_api, case, data)["Location"]
+
+    def full(name, content):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(default_storage, "_save", full)
+        response = _piece(lab_api, url, data, 0)
+    assert response.status_code == 507 and "slide store is full" in response.json()["detail"]
+    assert not Slide.objects.exists() and not stored_files(media_root)
+    # Space freed: an empty piece at the end checks and stores the file that had arrived.
+    retry = _piece(lab_api, url, b"", len(data))
+    assert retry.status_code == 201, retry.json()
+    assert retry.json()["slide"]["status"] == "queued"

@@ -24,7 +24,7 @@ from inference.core import slides as core
 from slides import jobs, reconcile
 from slides.models import Slide, SlideChunk
 from tests.conftest import CASE_PAYLOAD
-from tests.integration.workers import Worker, flush_broker, require_postgres_and_redis, wait_for
+from tests.integration.workers import wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
 
@@ -34,26 +34,8 @@ CHUNK_TILES = "8"  # 98 tissue tiles in 13 chunks: enough tasks to spread, and t
 
 
 @pytest.fixture
-def broker():
-    url = require_postgres_and_redis()
-    flush_broker(url)
-    yield url
-    flush_broker(url)
-
-
-@pytest.fixture
-def workers(broker, tmp_path):
-    started: list[Worker] = []
-
-    def start(name: str, **env: str) -> Worker:
-        worker = Worker(name, broker, tmp_path, SLIDE_CHUNK_TILES=CHUNK_TILES, **env)
-        started.append(worker)
-        worker.wait_ready()
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop()
+def slide_workers(workers):
+    return lambda name: workers(name, SLIDE_CHUNK_TILES=CHUNK_TILES)
 
 
 @pytest.fixture
@@ -105,9 +87,9 @@ def _each_chunk_committed_once(slide: Slide, media_root: Path) -> None:
     assert np.count_nonzero(results.status == core.TILE_DONE) == slide.tiles_done == slide.tiles_total
 
 
-def test_slide_uploaded_through_the_api_is_analysed_across_two_real_workers(lab_api, workers, settings):
-    workers("one")
-    workers("two")
+def test_slide_uploaded_through_the_api_is_analysed_across_two_real_workers(lab_api, slide_workers, settings):
+    slide_workers("one")
+    slide_workers("two")
     slide_id = _upload(lab_api)
     seen = []
 
@@ -136,8 +118,8 @@ def test_slide_uploaded_through_the_api_is_analysed_across_two_real_workers(lab_
     assert audit_verify().bad is None
 
 
-def test_worker_killed_mid_slide_recovers_with_every_chunk_committed_once(lab_api, workers, settings):
-    victim = workers("victim")
+def test_worker_killed_mid_slide_recovers_with_every_chunk_committed_once(lab_api, slide_workers, settings):
+    victim = slide_workers("victim")
     slide_id = _upload(lab_api)
 
     def mid_slide():
@@ -155,7 +137,7 @@ def test_worker_killed_mid_slide_recovers_with_every_chunk_committed_once(lab_ap
     # The reconciler hands the dead worker's chunk on; a new worker finishes the slide.
     counts = reconcile.slide_reconcile(stale_after=datetime.timedelta(seconds=0))
     assert counts["chunks_requeued"] >= len(stuck)
-    workers("rescuer")
+    slide_workers("rescuer")
     wait_for(lambda: Slide.objects.get(pk=slide_id).status == Slide.Status.DONE, 240, "recovery")
     slide = Slide.objects.get(pk=slide_id)
     _each_chunk_committed_once(slide, Path(settings.MEDIA_ROOT))

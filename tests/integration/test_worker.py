@@ -19,32 +19,9 @@ from inference import services
 from inference.models import Prediction
 from inference.tasks import prediction_run
 from tests.conftest import CASE_PAYLOAD, DEMO_MODEL_NAME, shared_data
-from tests.integration.workers import Worker, flush_broker, queue_length, require_postgres_and_redis, wait_for
+from tests.integration.workers import queue_length, wait_for
 
 pytestmark = [pytest.mark.services, pytest.mark.slow, pytest.mark.django_db(transaction=True)]
-
-
-@pytest.fixture
-def broker():
-    url = require_postgres_and_redis()
-    flush_broker(url)
-    yield url
-    flush_broker(url)
-
-
-@pytest.fixture
-def workers(broker, tmp_path):
-    started: list[Worker] = []
-
-    def start(name: str, **env: str) -> Worker:
-        worker = Worker(name, broker, tmp_path, **env)
-        started.append(worker)
-        worker.wait_ready()
-        return worker
-
-    yield start
-    for worker in started:
-        worker.stop()
 
 
 @pytest.fixture
