@@ -54,14 +54,17 @@ browser-deps:
 # The serving path (naive vs served vs kernel, latency, memory; var/bench.json), then the platform
 # around it on PostgreSQL + Redis with real worker and web processes (drain vs kernel, uploads, a
 # 20 patches/s load test, two workers vs one; var/bench_platform.json) and audit appends
-# (var/bench_audit.json), then whole-slide analysis with the slide core (var/bench_slides.json). bench_platform
-# and bench_audit make and drop databases of their own on BENCH_DATABASE_URL's server.
+# (var/bench_audit.json), then whole-slide analysis with the slide core (var/bench_slides.json), then a
+# whole slide through the Celery slide job on PostgreSQL + Redis (one worker vs two, time to first
+# result, peak worker RSS for a slide and one 4x larger; var/bench_slide_workers.json). bench_platform,
+# bench_audit and bench_slide_workers make and drop databases of their own on BENCH_DATABASE_URL's server.
 BENCH_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/postgres
 bench: venv
 	$(PY) scripts/bench.py --json var/bench.json
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) scripts/bench_platform.py --json var/bench_platform.json
 	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) scripts/bench_audit.py --json var/bench_audit.json
 	$(PY) scripts/bench_slides.py --json var/bench_slides.json
+	DATABASE_URL=$(BENCH_DATABASE_URL) $(PY) scripts/bench_slide_workers.py --json var/bench_slide_workers.json
 
 # Faults while patches flow (scripts/chaos.py --long): 50 worker SIGKILLs, the broker restarted, the
 # image store full, PostgreSQL restarted, on real processes; lost / twice / half stored / recovery
