@@ -22,7 +22,7 @@ from audit.services import audit_verify
 from cases.models import BiopsyCase, TissuePatch
 from inference.core import slides as core
 from slides import jobs, reconcile
-from slides.models import Slide, SlideChunk
+from slides.models import Slide, SlideChunk, SlideUpload
 from tests.conftest import CASE_PAYLOAD
 from tests.integration.workers import wait_for
 
@@ -146,3 +146,52 @@ def test_worker_killed_mid_slide_recovers_with_every_chunk_committed_once(lab_ap
         assert chunk.attempts == 2 and chunk.worker.startswith("rescuer@")
     assert _tile_auc(slide) > 0.9
     assert audit_verify().bad is None
+
+
+def test_slide_uploaded_in_the_browser_interrupted_once_is_analysed_by_a_real_worker(
+    browser, live_server, institution, settings, slide_workers, demo_model
+):
+    """The browser's resumable upload (the network cut once mid-upload) into the live server, the
+    tiling, chunks and finish by a real worker, the page following it to the end."""
+    from accounts.models import User
+    from tests.browser import login, wait_text
+    from tests.conftest import make_user, new_case
+    from tests.test_slides_upload_browser import (
+        SIZE,
+        UPLOAD_BYTES_PER_S,
+        assert_one_slide_as_uploaded,
+        choose,
+        click_upload,
+        network,
+        wait_received,
+        wait_state,
+    )
+
+    settings.SLIDE_UPLOAD_PIECE_BYTES = 64 * 1024
+    slide_workers("browser")
+    clinician = make_user(institution, User.Role.CLINICIAN, username="dr-wsi")
+    case = new_case(clinician, accession="WSI-BROWSER")
+    login(browser, live_server.url, "dr-wsi")
+    browser.get(f"{live_server.url}/cases/{case.pk}/slides/upload/")
+    wait_text(browser, "h1", "Upload a whole-slide image")
+    browser.execute_cdp_cmd("Network.enable", {})
+    network(browser, upload_bytes_per_s=UPLOAD_BYTES_PER_S)
+    choose(browser, FIXTURE)
+    click_upload(browser)
+    cut_at = wait_received(case, SIZE // 3)
+    network(browser, offline=True)
+    wait_state(browser, "retrying")
+    network(browser, upload_bytes_per_s=-1)
+    wait_state(browser, "analysing", "done")
+    slide = assert_one_slide_as_uploaded(case)
+    assert SlideUpload.objects.get(case=case).received_bytes == SIZE > cut_at
+    # The page follows the worker's progress to the end.
+    wait_state(browser, "done", timeout=180)
+    wait_text(browser, "#slide-upload-analysis", "Done")
+    slide.refresh_from_db()
+    assert slide.status == Slide.Status.DONE and slide.tiles_finished == slide.tiles_total == 98
+    assert all(
+        w.startswith("browser@") for w in SlideChunk.objects.filter(slide=slide).values_list("worker", flat=True)
+    )
+    assert _tile_auc(slide) > 0.9
+    assert slide.regions.exclude(patch=None).count() == 12
