@@ -21,12 +21,16 @@ def case_with_results(*, principal, case_id: int) -> BiopsyCase:
 
     # A fixed number of queries whatever the number of patches, predictions and reviews.
     # A patch made from a slide's suspicious region comes with its region and slide (joined).
-    patches = TissuePatch.objects.order_by("id").select_related("slide_region__slide").prefetch_related(
-        Prefetch(
-            "predictions",
-            queryset=Prediction.objects.select_related("model_version", "site_validation").order_by("-id"),
-        ),
-        Prefetch("reviews", queryset=Review.objects.select_related("pathologist").order_by("id")),
+    patches = (
+        TissuePatch.objects.order_by("id")
+        .select_related("slide_region__slide")
+        .prefetch_related(
+            Prefetch(
+                "predictions",
+                queryset=Prediction.objects.select_related("model_version", "site_validation").order_by("-id"),
+            ),
+            Prefetch("reviews", queryset=Review.objects.select_related("pathologist").order_by("id")),
+        )
     )
     return (
         cases_visible_to(principal=principal)
