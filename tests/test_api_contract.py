@@ -179,6 +179,9 @@ def test_schema_documents_every_endpoint_and_the_token_scheme(client):
         "/api/v1/cases/{id}/",
         "/api/v1/cases/{id}/patches/",
         "/api/v1/cases/{id}/fhir/",
+        "/api/v1/cases/{id}/slides/",
+        "/api/v1/slide-uploads/{id}/",
+        "/api/v1/slides/{id}/",
         "/api/v1/patches/{id}/",
         "/api/v1/patches/{id}/image/",
     }
