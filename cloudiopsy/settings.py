@@ -351,6 +351,7 @@ SLIDE_UPLOAD_DIR = Path(env_str("SLIDE_UPLOAD_DIR", str(DATA_DIR / "slide-upload
 SLIDE_UPLOAD_EXPIRE_HOURS = env_int("SLIDE_UPLOAD_EXPIRE_HOURS", 48)
 # Workers whose storage has no local path (S3) keep a copy of each slide they read here.
 SLIDE_CACHE_DIR = Path(env_str("SLIDE_CACHE_DIR", str(DATA_DIR / "slide-cache"))).resolve()
+SLIDE_CACHE_MAX_BYTES = env_int("SLIDE_CACHE_MAX_BYTES", 50 * 1024**3)
 # A scanner's share to take slides from (slides/imports.py): <institution>/<accession>/<file>, taken
 # once unchanged for SLIDE_IMPORT_SETTLE_SECONDS. Unset: no import folder.
 SLIDE_IMPORT_DIR = env_str("SLIDE_IMPORT_DIR", "")

@@ -72,6 +72,7 @@ def slide_local_path(storage_name: str, sha256: str) -> Path:
     cache = Path(settings.SLIDE_CACHE_DIR)
     cached = cache / f"{sha256}{Path(storage_name).suffix.lower()}"
     if cached.exists():
+        os.utime(cached)  # most recently used: the last to be evicted
         return cached
     cache.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=cache, suffix=".part")
@@ -88,7 +89,28 @@ def slide_local_path(storage_name: str, sha256: str) -> Path:
         if os.path.exists(partial):
             os.unlink(partial)
     logger.info("copied slide %s from storage to %s", storage_name, cached)
+    cache_trim(cache, keep=cached)
     return cached
+
+
+def cache_trim(cache: Path, *, keep: Path) -> None:
+    """Remove the least recently used copies until the cache holds at most SLIDE_CACHE_MAX_BYTES
+    (never ``keep``, the one just fetched). A worker still reading a removed copy keeps reading
+    it: the file goes when its last handle closes."""
+    limit = settings.SLIDE_CACHE_MAX_BYTES
+    copies = sorted(
+        (p for p in cache.iterdir() if p.is_file() and p.suffix != ".part"), key=lambda p: p.stat().st_mtime
+    )
+    total = sum(p.stat().st_size for p in copies)
+    for path in copies:
+        if total <= limit:
+            break
+        if path == keep:
+            continue
+        size = path.stat().st_size
+        path.unlink(missing_ok=True)
+        total -= size
+        logger.info("slide cache over %d bytes: removed %s", limit, path.name)
 
 
 def npz_bytes(**arrays) -> bytes:

@@ -321,3 +321,38 @@ def test_slide_that_cannot_be_tiled_fails_with_its_reason_and_the_case_moves_on(
     slide.refresh_from_db()
     assert slide.status == Slide.Status.FAILED and "coarser than the model" in slide.failure_reason
     assert BiopsyCase.objects.get(pk=case.pk).status == BiopsyCase.Status.READY_FOR_REVIEW
+
+
+def test_worker_without_a_local_path_keeps_a_checked_copy(slide, settings, monkeypatch):
+    from django.core.files.storage import default_storage
+
+    from slides import storage
+
+    class ObjectStorage:  # as S3 is to this function: files to open, no local path
+        def path(self, name):
+            raise NotImplementedError("object storage")
+
+        def open(self, name, mode="rb"):
+            return default_storage.open(name, mode)
+
+    monkeypatch.setattr(storage, "default_storage", ObjectStorage())
+    copy = storage.slide_local_path(slide.storage_name, slide.sha256)
+    assert copy.parent == Path(settings.SLIDE_CACHE_DIR) and copy.read_bytes() == FIXTURE.read_bytes()
+    assert storage.slide_local_path(slide.storage_name, slide.sha256) == copy  # fetched once
+    with pytest.raises(OSError, match="does not match its checksum"):
+        storage.slide_local_path(slide.storage_name, "f" * 64)
+    assert [p.name for p in Path(settings.SLIDE_CACHE_DIR).iterdir()] == [copy.name]  # nothing half-kept
+
+
+def test_slide_cache_drops_the_least_recently_used_copies_over_its_size(tmp_path, settings):
+    import os
+
+    from slides.storage import cache_trim
+
+    settings.SLIDE_CACHE_MAX_BYTES = 2500
+    for age, name in enumerate(["newest.svs", "middle.svs", "oldest.svs"]):
+        path = tmp_path / name
+        path.write_bytes(b"x" * 1000)
+        os.utime(path, (1_000_000 - age * 100, 1_000_000 - age * 100))
+    cache_trim(tmp_path, keep=tmp_path / "oldest.svs")  # the one just fetched stays whatever its age
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["newest.svs", "oldest.svs"]
