@@ -164,13 +164,11 @@ def _slides(case: BiopsyCase) -> list:
     )
 
 
-def _slide_observation(slide, refs: dict, institution_id: int) -> dict:
+def _slide_observation(slide, refs: dict) -> dict:
     """A whole-slide image's AI result: tumour area fraction at the site's operating point, whether
     tumour is suspected, and its most suspicious regions, each a patch of the case whose own
     Observation (and review) the bundle holds once it is analysed."""
-    from inference.selectors import operating_point
-
-    point = operating_point(institution_id=institution_id, model_version=slide.model_version)
+    validated = slide.site_validation_id is not None
     unit = {"unit": "1", "system": "http://unitsofmeasure.org", "code": "1"}
     components = [
         {
@@ -209,7 +207,7 @@ def _slide_observation(slide, refs: dict, institution_id: int) -> dict:
     return {
         "resourceType": "Observation",
         "id": f"slide-{slide.pk}",
-        "extension": [{"url": VALIDATED_AT_SITE, "valueBoolean": point.validated}],
+        "extension": [{"url": VALIDATED_AT_SITE, "valueBoolean": validated}],
         "status": "preliminary",
         "code": {
             "coding": [{"system": f"{SYSTEM}/CodeSystem/observation", "code": "ai-slide-tumour-fraction"}],
@@ -223,7 +221,7 @@ def _slide_observation(slide, refs: dict, institution_id: int) -> dict:
             {
                 "coding": [{"system": INTERPRETATION, "code": "POS" if suspected else "NEG"}],
                 "text": f"{'Suspected tumour' if suspected else 'Not suspected of tumour'} on the slide at the "
-                f"{'site' if point.validated else 'model'}'s threshold {_number(slide.tumour_threshold or 0)}",
+                f"{'site' if validated else 'model'}'s threshold {_number(slide.tumour_threshold or 0)}",
             }
         ],
         "method": {"text": str(slide.model_version)},
@@ -293,7 +291,7 @@ def case_bundle(case: BiopsyCase) -> dict:
             slides_pending += slide.status != "failed"
             continue
         ref = _urn("slide-observation", slide.pk, inst)
-        entries.append((ref, _slide_observation(slide, refs, inst)))
+        entries.append((ref, _slide_observation(slide, refs)))
         results.append({"reference": ref})
     patches_pending = sum(p.status in TissuePatch.PENDING for p in case.patches.all())
     pending = patches_pending + slides_pending

@@ -31,11 +31,10 @@ from rest_framework.parsers import BaseParser
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from accounts.models import LabSystem, Scope
-from cases.api import ERRORS, PROBLEM
+from accounts.models import Scope
+from cases.api import ERRORS, PROBLEM, _can_read_results
 from cases.selectors import cases_visible_to
 from cloudiopsy.api import problem_response
-from inference.selectors import operating_point
 from slides.jobs import slide_progress
 from slides.models import Slide, SlideRegion, SlideUpload
 from slides.selectors import slides_visible_to
@@ -49,10 +48,6 @@ from slides.services import (
 
 OFFSET_HEADER = "Upload-Offset"
 PIECE_TYPE = "application/offset+octet-stream"
-
-
-def _can_read_results(principal) -> bool:
-    return not isinstance(principal, LabSystem) or principal.has_scope(Scope.RESULTS_READ)
 
 
 class RegionSerializer(serializers.ModelSerializer):
@@ -137,12 +132,11 @@ class SlideSerializer(serializers.ModelSerializer):
     def get_results(self, slide: Slide) -> dict | None:
         if slide.status != Slide.Status.DONE or not self.context.get("results"):
             return None
-        point = operating_point(institution_id=slide.case.institution_id, model_version=slide.model_version)
         return {
             "tumour_fraction": slide.tumour_fraction,
             "tumour_threshold": slide.tumour_threshold,
             "suspected_tumour": slide.suspected_tumour,
-            "validated_at_site": point.validated,
+            "validated_at_site": slide.site_validation_id is not None,
             "model_version": str(slide.model_version),
             "regions": RegionSerializer(slide.regions.all(), many=True).data,
         }

@@ -446,6 +446,7 @@ def slide_finish(*, slide_id: int, worker: str = "") -> dict[str, int]:
             results_sha256=hashlib.sha256(results_bytes).hexdigest(),
             tumour_fraction=fraction,
             tumour_threshold=point.threshold if has_tumour_class else None,
+            site_validation=point.validation if has_tumour_class else None,
             suspected_tumour=suspected,
             finished_at=timezone.now(),
         )

@@ -72,6 +72,15 @@ class Slide(models.Model):
     tumour_threshold = models.FloatField(
         null=True, blank=True, help_text="The site's TUM operating point the slide was judged by."
     )
+    site_validation = models.ForeignKey(
+        "inference.SiteValidation",
+        on_delete=models.PROTECT,
+        null=True,
+        blank=True,
+        related_name="+",
+        help_text="The passing site validation whose threshold the slide was judged by; empty: not validated at "
+        "this site (the model's default threshold applied).",
+    )
     suspected_tumour = models.BooleanField(
         null=True, blank=True, help_text="A tile reaches the site's TUM threshold; empty until analysed."
     )

@@ -24,7 +24,7 @@ def slides_visible_to(*, user) -> QuerySet[Slide]:
 def slide_for_viewer(*, user, slide_id: int) -> Slide:
     """One visible slide with its model version and its regions (``slide.region_list``, rank
     order, each with its patch); DoesNotExist (-> 404) otherwise."""
-    slide = slides_visible_to(user=user).select_related("model_version").get(pk=slide_id)
+    slide = slides_visible_to(user=user).select_related("model_version", "site_validation").get(pk=slide_id)
     slide.region_list = list(SlideRegion.objects.filter(slide=slide).select_related("patch").order_by("rank"))
     return slide
 
@@ -45,19 +45,9 @@ class SlideJudgement:
 
 
 def slide_judgement(*, slide: Slide) -> SlideJudgement | None:
-    """None until the slide has a slide-level result.
-
-    The slide stores only the threshold; the validation in force is the latest passing one made
-    before the slide's results were put together, and it counts only if its threshold is the one
-    stored (a slide finished before that site validation was judged by the model's default)."""
-    if slide.tumour_threshold is None or slide.suspected_tumour is None or slide.model_version_id is None:
+    """None until the slide has a slide-level result; else the threshold and the site validation
+    it was judged by, as the finish recorded them."""
+    if slide.tumour_threshold is None or slide.suspected_tumour is None:
         return None
-    validations = SiteValidation.objects.filter(
-        institution_id=slide.case.institution_id, model_version_id=slide.model_version_id, passed=True
-    )
-    if slide.finished_at is not None:
-        validations = validations.filter(created_at__lte=slide.finished_at)
-    validation = validations.order_by("-created_at", "-id").first()
-    if validation is not None and abs(validation.threshold - slide.tumour_threshold) > 1e-9:
-        validation = None
+    validation = slide.site_validation
     return SlideJudgement(threshold=slide.tumour_threshold, validated=validation is not None, validation=validation)

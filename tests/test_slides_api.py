@@ -250,3 +250,41 @@ def test_full_slide_store_is_a_507_and_the_upload_can_be_finished_later(lab_api,
     retry = _piece(lab_api, url, b"", len(data))
     assert retry.status_code == 201, retry.json()
     assert retry.json()["slide"]["status"] == "queued"
+
+
+def test_slide_keeps_the_site_validation_it_was_judged_by(lab_api, case, demo_model):
+    from inference.models import SiteValidation
+    from slides.services import slide_register
+
+    before = jobs.slide_run_inline(slide_register(case=case, actor=case.created_by, path=FIXTURE, name="a.tiff").pk)
+    validation = SiteValidation.objects.create(
+        institution=case.institution, model_version=demo_model, data_source="site", data_manifest_sha256="0" * 64,
+        counts={"NORM": 100, "TUM": 100}, metrics={}, target_sensitivity=0.98, threshold=0.6,
+        sensitivity=0.99, specificity=0.9, passed=True, actor="test",
+    )  # fmt: skip
+    after = jobs.slide_run_inline(slide_register(case=case, actor=case.created_by, path=FIXTURE, name="b.tiff").pk)
+    first = lab_api.get(f"/api/v1/slides/{before.pk}/").json()["results"]
+    second = lab_api.get(f"/api/v1/slides/{after.pk}/").json()["results"]
+    # The earlier slide stays judged by the model's default, as it was; the later by the site's.
+    assert (first["validated_at_site"], first["tumour_threshold"]) == (False, before.tumour_threshold)
+    assert (second["validated_at_site"], second["tumour_threshold"]) == (True, 0.6)
+    assert after.site_validation == validation and before.site_validation is None
+    bundle = lab_api.get(f"/api/v1/cases/{case.pk}/fhir/").json()
+    flags = {
+        e["resource"]["id"]: e["resource"]["extension"][0]["valueBoolean"]
+        for e in bundle["entry"]
+        if e["resource"]["id"].startswith("slide-")
+    }
+    assert flags == {f"slide-{before.pk}": False, f"slide-{after.pk}": True}
+
+
+def test_case_slides_list_costs_the_same_with_more_slides(lab_api, case, demo_model, django_assert_num_queries):
+    from slides.services import slide_register
+
+    for count in (1, 3):
+        while case.slides.count() < count:
+            jobs.slide_run_inline(slide_register(case=case, actor=case.created_by, path=FIXTURE, name="s.tiff").pk)
+        lab_api.get(f"/api/v1/cases/{case.pk}/slides/")
+        # the token, the case, the slides with their case and model version, their regions
+        with django_assert_num_queries(4):
+            assert len(lab_api.get(f"/api/v1/cases/{case.pk}/slides/").json()) == count
